@@ -17,6 +17,16 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect ``slow`` tests for a quick local run; CI (or BOTKIT_SLOW=1) runs them all."""
+    if os.environ.get("CI") or os.environ.get("BOTKIT_SLOW") or config.getoption("-m"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 def unique_name(prefix: str = "t") -> str:
     """A short random identifier usable as a table prefix or key prefix."""
     return f"{prefix}{uuid.uuid4().hex[:10]}"
