@@ -1,0 +1,276 @@
+"""ActivityPub federation as Dramatiq jobs: signatures, delivery, fan-out and the inbox.
+
+:class:`Federation` ties one local actor (``{base_url}/users/{username}``) to a
+key-value store and a Dramatiq broker.  Creating it declares three actors on
+the broker:
+
+* ``botkit_fanout`` (queue ``botkit.fanout``): expands one published activity
+  to follower inboxes;
+* ``botkit_deliver`` (queue ``botkit.outbox``): one signed POST per
+  (activity, inbox), retried with backoff;
+* ``botkit_inbox`` (queue ``botkit.inbox``): runs the handlers registered with
+  :meth:`Federation.on` for activities accepted by :attr:`Federation.inbox_app`.
+
+Actor names are fixed so that standard ``dramatiq`` workers find them; several
+federations may share one broker, and jobs carry the username so that each job
+finds its own :class:`Federation` again (:func:`get_federation`).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, overload
+from urllib.parse import urlsplit
+
+from ..errors import ConfigurationError
+from .activities import MalformedActivityError
+from .inbox import InboxApp, InboxContext, declare_inbox_actor
+
+if TYPE_CHECKING:
+    import dramatiq
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+    from ..kv.base import KvStore
+    from .delivery import DeliveryOptions
+    from .followers import Followers
+    from .keys import KeyResolver
+    from .net import Fetcher
+
+__all__ = [
+    # The facade
+    "Federation",
+    "Handler",
+    "InboxContext",
+    "get_federation",
+
+    # Errors
+    "MalformedActivityError",
+]
+
+#: A handler registered with :meth:`Federation.on`: called as ``handler(ctx, activity)``.
+Handler = Callable[[InboxContext, dict[str, Any]], None]
+
+#: Usernames become URL path segments and key-value key parts: keep them boring.
+_USERNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9_])?")
+
+#: Attribute under which a broker keeps the federations declared on it, by username.
+_REGISTRY_ATTR = "_botkit_federations"
+
+
+def _normalise_base_url(base_url: object, *, allow_private_addresses: bool) -> str:
+    if not isinstance(base_url, str):
+        raise ConfigurationError(f"base_url must be a string, not {base_url!r}")
+    try:
+        parts = urlsplit(base_url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ConfigurationError(f"base_url {base_url!r} is not a valid URL: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"base_url {base_url!r} must be an absolute http(s) URL")
+    if parts.scheme == "http" and not allow_private_addresses:
+        raise ConfigurationError(
+            f"base_url {base_url!r} uses http://; use https:// "
+            "(plain http is only allowed with allow_private_addresses=True)"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ConfigurationError(f"base_url {base_url!r} must not contain credentials")
+    if parts.query or parts.fragment or base_url.endswith(("?", "#")):
+        raise ConfigurationError(f"base_url {base_url!r} must not have a query or fragment")
+    # "https://bot.example/" and "https://bot.example" name the same site.
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def get_federation(broker: dramatiq.Broker, username: str) -> Federation:
+    """Return the :class:`Federation` declared on ``broker`` for ``username``.
+
+    Jobs carry only the username; this is how an actor finds its federation.
+
+    Raises:
+        LookupError: when no federation for ``username`` was created on ``broker``
+            in this process (the worker did not import the bot's module).
+    """
+    registry: dict[str, Federation] = getattr(broker, _REGISTRY_ATTR, None) or {}
+    try:
+        return registry[username]
+    except KeyError:
+        raise LookupError(
+            f"no Federation for user {username!r} on broker {broker!r}; "
+            "does the worker import the module that creates the bot?"
+        ) from None
+
+
+class Federation:
+    """The federation side of one local actor: keys, followers, jobs and the inbox.
+
+    Args:
+        kv: where keys, followers, remote-key caches and de-duplication marks live.
+        broker: the Dramatiq broker the federation actors are declared on.
+        base_url: the site's absolute URL, e.g. ``"https://bot.example"``; a
+            trailing slash is ignored.  ``http://`` only with
+            ``allow_private_addresses``.
+        username: the local actor's name (letters, digits, ``_``, ``.``, ``-``).
+        allow_private_addresses: allow ``http://`` and loopback/private
+            destinations for fetches and deliveries (tests and demos only).
+        delivery_options: retry, timeout and size settings for deliveries.
+        user_agent: the ``User-Agent`` of outgoing requests.
+    """
+
+    def __init__(
+        self,
+        *,
+        kv: KvStore,
+        broker: dramatiq.Broker,
+        base_url: str,
+        username: str,
+        allow_private_addresses: bool = False,
+        delivery_options: DeliveryOptions | None = None,
+        user_agent: str | None = None,
+    ) -> None:
+        # Imported here: these modules import this package for get_federation().
+        from .delivery import DeliveryOptions, declare_delivery_actors
+        from .fanout import declare_fanout_actor
+        from .followers import Followers
+        from .keys import KeyResolver, load_or_create_keypair
+        from .net import Fetcher
+
+        if not isinstance(username, str) or not _USERNAME.fullmatch(username):
+            raise ConfigurationError(
+                f"username {username!r} must be 1-64 letters, digits, '_', '.' or '-' "
+                "and must not start or end with '.' or '-'"
+            )
+        self.kv = kv
+        self.broker = broker
+        self.username = username
+        self.allow_private_addresses = bool(allow_private_addresses)
+        self.base_url = _normalise_base_url(
+            base_url, allow_private_addresses=self.allow_private_addresses
+        )
+        self.actor_id = f"{self.base_url}/users/{username}"
+        self.key_id = f"{self.actor_id}#main-key"
+        self.inbox_url = f"{self.actor_id}/inbox"
+        self.shared_inbox_url = f"{self.base_url}/inbox"
+        self.delivery_options = (
+            delivery_options if delivery_options is not None else (DeliveryOptions())
+        )
+        self.user_agent = user_agent
+
+        self._load_keypair = load_or_create_keypair
+        self._private_key: RSAPrivateKey | None = None
+        self._key_lock = threading.Lock()
+        self._handlers: dict[str, list[Handler]] = {}
+
+        fetcher_options: dict[str, Any] = {}
+        if user_agent is not None:
+            fetcher_options["user_agent"] = user_agent
+        self.fetcher: Fetcher = Fetcher(
+            key_id=self.key_id,
+            private_key_provider=lambda: self.private_key,
+            allow_private_addresses=self.allow_private_addresses,
+            **fetcher_options,
+        )
+        self.keys: KeyResolver = KeyResolver(kv, self.fetcher)
+        self.followers: Followers = Followers(kv, username)
+        self.inbox_app: InboxApp = InboxApp(self)
+
+        # Register before declaring: the actors look the federation up by username.
+        registry: dict[str, Federation] | None = getattr(broker, _REGISTRY_ATTR, None)
+        if registry is None:
+            registry = {}
+            setattr(broker, _REGISTRY_ATTR, registry)
+        registry[username] = self
+        declare_fanout_actor(self)
+        declare_delivery_actors(self)
+        declare_inbox_actor(self)
+
+    def __repr__(self) -> str:
+        return f"<Federation {self.actor_id}>"
+
+    @property
+    def private_key(self) -> RSAPrivateKey:
+        """The local actor's RSA key, created once and kept in the key-value store."""
+        key = self._private_key
+        if key is None:
+            with self._key_lock:
+                key = self._private_key
+                if key is None:
+                    key = self._private_key = self._load_keypair(self.kv, self.username)
+        return key
+
+    def publish(self, activity: dict[str, Any]) -> None:
+        """Send ``activity`` to every follower: store it once and enqueue one fan-out job.
+
+        Returns at once; the fan-out and the deliveries run on workers.
+        """
+        from .fanout import enqueue_fanout
+
+        enqueue_fanout(self, activity)
+
+    def send(self, activity: dict[str, Any], inboxes: Iterable[str]) -> None:
+        """Deliver ``activity`` to each of ``inboxes``: one delivery job per distinct inbox.
+
+        For replies to one actor, such as the ``Accept`` of a ``Follow``.  The
+        activity travels inline in the jobs (it is small); they are signed at
+        send time and retried like fan-out deliveries.
+
+        Raises:
+            ValueError: when the activity has no string ``id`` or an inbox is not a string.
+        """
+        from .delivery import DELIVER_ACTOR_NAME
+
+        activity_id = activity.get("id") if isinstance(activity, dict) else None
+        if not isinstance(activity_id, str) or not activity_id:
+            raise ValueError(f"activity to send needs a string id: {activity!r:.200}")
+        if isinstance(inboxes, str):
+            raise TypeError("inboxes must be an iterable of URLs, not a single string")
+        distinct = list(dict.fromkeys(inboxes))
+        for inbox in distinct:
+            if not isinstance(inbox, str) or not inbox:
+                raise ValueError(f"inbox URL must be a non-empty string: {inbox!r}")
+        if not distinct:
+            return
+        deliver = self.broker.get_actor(DELIVER_ACTOR_NAME)
+        messages = [
+            deliver.message(self.username, activity_id, inbox, activity) for inbox in distinct
+        ]
+        enqueue_many = getattr(self.broker, "enqueue_many", None)
+        if enqueue_many is not None:
+            # One transaction for all of them on SqlBroker.
+            enqueue_many(messages)
+        else:
+            for message in messages:
+                self.broker.enqueue(message)
+
+    @overload
+    def on(self, activity_type: str) -> Callable[[Handler], Handler]: ...
+
+    @overload
+    def on(self, activity_type: str, handler: Handler) -> Handler: ...
+
+    def on(
+        self, activity_type: str, handler: Handler | None = None
+    ) -> Handler | Callable[[Handler], Handler]:
+        """Register ``handler`` for incoming activities of ``activity_type`` (e.g. ``"Follow"``).
+
+        Handlers run in the inbox job, on a worker, as ``handler(ctx, activity)``,
+        in registration order.  An exception retries the job (handlers should be
+        idempotent), except :class:`MalformedActivityError`, which drops it.
+        Usable as a decorator: ``@federation.on("Follow")``.
+        """
+        if not isinstance(activity_type, str) or not activity_type:
+            raise ConfigurationError(f"activity_type must be a non-empty string: {activity_type!r}")
+
+        def register(fn: Handler) -> Handler:
+            if not callable(fn):
+                raise ConfigurationError(f"handler must be callable, not {fn!r}")
+            self._handlers.setdefault(activity_type, []).append(fn)
+            return fn
+
+        if handler is None:
+            return register
+        return register(handler)
+
+    def handlers_for(self, activity_type: str) -> list[Handler]:
+        """Return the handlers registered for ``activity_type``, in registration order."""
+        return list(self._handlers.get(activity_type, ()))
