@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from http_message_signatures import (
+    ContentDigest,
     HTTPMessageSigner,
     HTTPMessageVerifier,
     HTTPSignatureKeyResolver,
@@ -59,6 +60,7 @@ __all__ = [
     "SignatureError",
     "VerifiedSignature",
     "cavage_signing_string",
+    "precheck_request",
     "sign_request",
     "signature_key_id",
     "verify_incoming",
@@ -77,6 +79,9 @@ RFC9421_LABEL = "sig1"
 
 #: A header collection: a mapping, or ``(name, value)`` pairs (repeated names joined by ", ").
 Headers = Mapping[str, str] | Iterable[tuple[str, str]]
+
+# Passed as the public key by precheck_request(): run every check but the cryptography.
+_PRECHECK: Any = object()
 
 _CAVAGE_ALGORITHMS = frozenset({"rsa-sha256", "hs2019"})
 _RFC9421_ALG = algorithms.RSA_V1_5_SHA256.algorithm_id  # "rsa-v1_5-sha256"
@@ -359,6 +364,8 @@ def _verify_cavage(
         _verify_cavage_digest(headers, body or b"")
 
     signature = _b64decode(params["signature"], "the signature")
+    if public_key is _PRECHECK:
+        return VerifiedSignature(key_id, "draft-cavage", tuple(signed), created_at)
     key = _require_rsa(public_key)
     _, path, query = _split_url(url)
     # Mastodon verifies with the query first, then without it: older senders
@@ -434,15 +441,19 @@ class _Verifier(HTTPMessageVerifier):
         self.max_skew = max_skew
 
     def validate_created_and_expires(self, sig_input: Any, max_age: Any = None) -> None:
-        created = sig_input.params.get("created")
+        self.check_times(sig_input.params, self.now, self.max_skew)
+
+    @staticmethod
+    def check_times(params: Mapping[str, Any], now: float, max_skew: float) -> None:
+        created = params.get("created")
         if type(created) is not int:
             raise SignatureError("the created parameter is missing or not an integer")
-        _check_time(float(created), self.now, self.max_skew, "the created parameter")
-        expires = sig_input.params.get("expires")
+        _check_time(float(created), now, max_skew, "the created parameter")
+        expires = params.get("expires")
         if expires is not None:
             if type(expires) is not int:
                 raise SignatureError("the expires parameter is not an integer")
-            if expires + self.max_skew < self.now:
+            if expires + max_skew < now:
                 raise SignatureError("the signature has expired")
 
 
@@ -498,6 +509,15 @@ def _verify_rfc9421(
     has_body = bool(body) or method.upper() in _METHODS_WITH_BODY
     if has_body and "content-digest" not in components:
         raise SignatureError("'content-digest' must be covered for a request with a body")
+    _Verifier.check_times(params, now, max_skew)
+    created = float(params["created"])
+    if public_key is _PRECHECK:
+        if has_body:
+            try:
+                ContentDigest.verify(headers.get("content-digest", ""), body or b"")
+            except HTTPMessageSignaturesException as exc:
+                raise SignatureError(f"Content-Digest rejected: {exc}") from exc
+        return VerifiedSignature(key_id, "rfc9421", tuple(components), created)
     key = _require_rsa(public_key)
     message = _Message(method.upper(), url, _HeaderList(pairs))
     verifier = _Verifier(key, now, max_skew)
@@ -514,13 +534,7 @@ def _verify_rfc9421(
         raise SignatureError(f"RFC 9421 signature rejected: {type(exc).__name__}") from exc
     if len(results) != 1:
         raise SignatureError("exactly one signature is expected")
-    created = params.get("created")
-    return VerifiedSignature(
-        key_id,
-        "rfc9421",
-        tuple(components),
-        float(created) if isinstance(created, int) else None,
-    )
+    return VerifiedSignature(key_id, "rfc9421", tuple(components), created)
 
 
 def _sign_rfc9421(
@@ -663,8 +677,48 @@ def verify_request(
         SignatureError: Unsigned, malformed, stale, tampered with, a body digest
             that does not match, or a signature that does not verify.
     """
+    return _verify(method, url, headers, body, public_key, now, max_skew)
+
+
+def precheck_request(
+    method: str,
+    url: str,
+    headers: Headers,
+    body: bytes | None,
+    *,
+    now: float | None = None,
+    max_skew: float = DEFAULT_MAX_SKEW,
+) -> str:
+    """Run every check of :func:`verify_request` except the signature itself.
+
+    Use it before fetching the signer's key, so that stale, unsigned or
+    tampered-digest requests cost no network round trip.
+
+    Returns:
+        The key id the request claims.
+
+    Raises:
+        SignatureError: As :func:`verify_request`, for everything but the
+            cryptographic check.
+    """
+    return _verify(method, url, headers, body, _PRECHECK, now, max_skew).key_id
+
+
+def _verify(
+    method: str,
+    url: str,
+    headers: Headers,
+    body: bytes | None,
+    public_key: Any,
+    now: float | None,
+    max_skew: float,
+) -> VerifiedSignature:
     when = time.time() if now is None else now
     try:
+        if not isinstance(method, str) or not isinstance(url, str):
+            raise SignatureError("the method and URL must be strings")
+        if body is not None and not isinstance(body, bytes):
+            raise SignatureError("the body must be bytes")
         pairs = _header_pairs(headers)
         combined = _header_map(pairs)
         if "signature-input" in combined:
