@@ -1,0 +1,241 @@
+"""See what the queues are doing: depths, workers, retries and dead letters.
+
+``inspect(broker)`` returns an :class:`Inspector` for a
+:class:`~botkit_tasks.brokers.SqlBroker` (plain SQL over its tables) or for
+Dramatiq's ``RedisBroker`` (its Redis keys, read the way its ``dispatch.lua``
+writes them)::
+
+    from botkit_tasks.monitor import inspect
+
+    insp = inspect(broker)
+    for q in insp.queues():
+        print(q.name, q.ready, q.delayed, q.in_flight, q.dead)
+    insp.requeue([d.message_id for d in insp.dead_letters()])
+
+Counts are exact at the moment they are read, not estimates.  Every queue is
+reported under its canonical name: the ``.DQ`` copy of a delayed message counts
+as ``delayed`` of its queue and a dead letter as ``dead``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import dramatiq
+
+__all__ = [
+    "DeadLetter",
+    "Inspector",
+    "QueueStats",
+    "RetryingMessage",
+    "WorkerInfo",
+    "inspect",
+]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        """This record as JSON-friendly values (datetimes as ISO 8601 strings)."""
+        result: dict[str, Any] = _jsonable(asdict(self))  # type: ignore[call-overload]
+        return result
+
+
+@dataclass(frozen=True)
+class QueueStats(_Record):
+    """Message counts of one queue (canonical name, without ``.DQ``/``.XQ``).
+
+    Attributes:
+        name: The queue.
+        ready: Messages due now, waiting for a worker.
+        delayed: Messages whose ETA (a delay or a retry backoff) has not come yet.
+        in_flight: Messages a worker has claimed and not yet acked.
+        dead: Dead letters kept for inspection.
+    """
+
+    name: str
+    ready: int
+    delayed: int
+    in_flight: int
+    dead: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo(_Record):
+    """A live worker process (its broker's consumer registration).
+
+    Attributes:
+        id: The broker-assigned worker id.
+        last_heartbeat: When it last reported in (UTC).
+        in_flight: Messages it has claimed and not yet acked.
+    """
+
+    id: str
+    last_heartbeat: datetime
+    in_flight: int
+
+
+@dataclass(frozen=True)
+class RetryingMessage(_Record):
+    """A message waiting for its next attempt after a failure.
+
+    Attributes:
+        message_id: Dramatiq's message id (the same across attempts).
+        queue: The queue it will run on.
+        actor: The actor name.
+        retries: Failed attempts so far.
+        eta: When the next attempt becomes due (UTC), if known.
+        last_error: The traceback of the last failure, if recorded.
+    """
+
+    message_id: str
+    queue: str
+    actor: str
+    retries: int
+    eta: datetime | None
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class DeadLetter(_Record):
+    """A message that failed for good and is kept for inspection.
+
+    Attributes:
+        message_id: Dramatiq's message id.
+        queue: The queue it ran on.
+        actor: The actor name.
+        args: Positional arguments of the message.
+        kwargs: Keyword arguments of the message.
+        retries: Attempts that had failed before it was dead-lettered.
+        traceback: The last traceback Dramatiq recorded, if any.
+        died_at: When it was dead-lettered (UTC), if known.
+    """
+
+    message_id: str
+    queue: str
+    actor: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    retries: int
+    traceback: str | None
+    died_at: datetime | None
+
+
+class Inspector:
+    """Read and repair one broker's queues; see :func:`inspect`."""
+
+    def queues(self) -> list[QueueStats]:
+        """Counts for every known queue (declared or holding messages), by name."""
+        raise NotImplementedError
+
+    def workers(self) -> list[WorkerInfo]:
+        """Workers whose heartbeat is within the broker's heartbeat timeout."""
+        raise NotImplementedError
+
+    def retrying(self, *, limit: int | None = None) -> list[RetryingMessage]:
+        """Messages waiting for a retry, soonest ETA first (at most ``limit``)."""
+        raise NotImplementedError
+
+    def dead_letters(
+        self, queue: str | None = None, *, limit: int | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters, most recent first, of one queue or all (at most ``limit``)."""
+        raise NotImplementedError
+
+    def requeue(self, message_ids: Iterable[str]) -> int:
+        """Send the given dead letters back to their queue with retries reset.
+
+        Unknown ids are ignored.  A dead letter is requeued at most once even
+        when two operators requeue it at the same time.
+
+        Returns:
+            How many dead letters were requeued.
+        """
+        raise NotImplementedError
+
+    def purge_dead(self, queue: str | None = None) -> int:
+        """Delete the dead letters of ``queue`` (all queues when ``None``); return how many."""
+        raise NotImplementedError
+
+    def to_dict(self, *, limit: int = 100) -> dict[str, Any]:
+        """A JSON-friendly snapshot: queues, workers, and up to ``limit`` retrying
+        messages and dead letters (what ``botkit-tasks status --json`` prints)."""
+        return {
+            "queues": [q.to_dict() for q in self.queues()],
+            "workers": [w.to_dict() for w in self.workers()],
+            "retrying": [r.to_dict() for r in self.retrying(limit=limit)],
+            "dead_letters": [d.to_dict() for d in self.dead_letters(limit=limit)],
+        }
+
+
+def _at_ms(value: int | float) -> datetime:
+    """An epoch-milliseconds timestamp as an aware UTC datetime."""
+    return datetime.fromtimestamp(float(value) / 1000.0, tz=timezone.utc)
+
+
+def _from_ms(value: int | float | None) -> datetime | None:
+    return None if value is None else _at_ms(value)
+
+
+def _requeue_copy(message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
+    """The message as a fresh first attempt on its canonical queue."""
+    from dramatiq.common import q_name
+
+    options = {
+        k: v
+        for k, v in message.options.items()
+        # A fresh attempt: no retry count, no old error, no delay, no broker-specific ids.
+        if k not in ("retries", "traceback", "eta", "requeue_timestamp", "redis_message_id")
+    }
+    options["retries"] = 0
+    return dramatiq.Message(
+        queue_name=q_name(message.queue_name),
+        actor_name=message.actor_name,
+        args=message.args,
+        kwargs=message.kwargs,
+        options=options,
+        message_id=message.message_id,
+        message_timestamp=message.message_timestamp,
+    )
+
+
+def inspect(broker: dramatiq.Broker) -> Inspector:
+    """Return an :class:`Inspector` for ``broker``.
+
+    Supported: :class:`~botkit_tasks.brokers.SqlBroker` and
+    ``dramatiq.brokers.redis.RedisBroker``.
+
+    Raises:
+        TypeError: for any other broker.
+    """
+    from dramatiq.brokers.redis import RedisBroker
+
+    if isinstance(broker, RedisBroker):
+        from .redis import RedisInspector
+
+        return RedisInspector(broker)
+    # Looked up by name so the monitor never imports more of the package than it needs.
+    if any(cls.__name__ == "SqlBroker" for cls in type(broker).__mro__) and hasattr(
+        broker, "table_prefix"
+    ):
+        from .sql import SqlInspector
+
+        return SqlInspector(broker)
+    raise TypeError(
+        f"cannot inspect a {type(broker).__name__}: "
+        "botkit_tasks.monitor supports SqlBroker and dramatiq's RedisBroker"
+    )

@@ -1,0 +1,217 @@
+"""The inspector for Dramatiq's ``RedisBroker``, reading the keys ``dispatch.lua`` writes.
+
+Layout (``ns`` is the broker's namespace, ``X`` a queue):
+
+- ``ns:X`` — list of ids waiting to be fetched; ``ns:X.msgs`` — hash id → data,
+  holding each message until it is acked (so it includes in-flight ones);
+- ``ns:X.DQ`` / ``ns:X.DQ.msgs`` — the same for delayed messages (workers fetch
+  them early and hold them in memory until their ``eta``);
+- ``ns:X.XQ`` — sorted set of dead-letter ids scored by death time (ms) and
+  ``ns:X.XQ.msgs`` their data;
+- ``ns:__heartbeats__`` — sorted set worker id → last call (ms);
+  ``ns:__acks__.<worker>.<queue>`` — ids that worker fetched and has not acked.
+
+The ids in these structures are ``options["redis_message_id"]``, fresh on every
+enqueue; the inspector reports Dramatiq's own ``message_id``.  Counts are read
+in one ``MULTI`` block, so they are a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import dq_name, q_name, xq_name
+
+from . import (
+    DeadLetter,
+    Inspector,
+    QueueStats,
+    RetryingMessage,
+    WorkerInfo,
+    _at_ms,
+    _from_ms,
+    _requeue_copy,
+)
+
+__all__ = ["RedisInspector"]
+
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+def _glob_escape(text: str) -> str:
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _decode(data: bytes | str) -> dramatiq.Message[Any] | None:
+    try:
+        return dramatiq.Message.decode(data if isinstance(data, bytes) else data.encode())
+    except Exception:
+        return None
+
+
+class RedisInspector(Inspector):
+    """An :class:`~botkit_tasks.monitor.Inspector` over a ``RedisBroker``'s keys."""
+
+    def __init__(self, broker: RedisBroker) -> None:
+        self.broker = broker
+        self.client = broker.client
+        self.namespace: str = broker.namespace
+
+    def _key(self, name: str) -> str:
+        return f"{self.namespace}:{name}"
+
+    def _queue_names(self) -> list[str]:
+        """Declared queues plus every queue that has message data in Redis."""
+        names = {q_name(q) for q in self.broker.get_declared_queues()}
+        prefix = self._key("")
+        pattern = _glob_escape(prefix) + "*.msgs"
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            name = _text(key)[len(prefix) : -len(".msgs")]
+            if not name.startswith("__"):
+                names.add(q_name(name))
+        return sorted(names)
+
+    def queues(self) -> list[QueueStats]:
+        names = self._queue_names()
+        with self.client.pipeline(transaction=True) as pipe:
+            for name in names:
+                pipe.llen(self._key(name))
+                pipe.hlen(self._key(f"{name}.msgs"))
+                pipe.hlen(self._key(f"{dq_name(name)}.msgs"))
+                pipe.zcard(self._key(xq_name(name)))
+            replies = pipe.execute()
+        stats = []
+        for i, name in enumerate(names):
+            ready, stored, delayed, dead = replies[4 * i : 4 * i + 4]
+            stats.append(
+                QueueStats(
+                    name=name,
+                    ready=int(ready),
+                    delayed=int(delayed),
+                    # X.msgs keeps a message until its ack: stored minus waiting = claimed.
+                    in_flight=max(int(stored) - int(ready), 0),
+                    dead=int(dead),
+                )
+            )
+        return stats
+
+    def workers(self) -> list[WorkerInfo]:
+        now_ms = time.time() * 1000
+        timeout_ms = float(getattr(self.broker, "heartbeat_timeout", 60_000))
+        beats = self.client.zrangebyscore(
+            self._key("__heartbeats__"), now_ms - timeout_ms, "+inf", withscores=True
+        )
+        workers = []
+        for raw_id, score in beats:
+            worker_id = _text(raw_id)
+            ack_prefix = self._key(f"__acks__.{worker_id}.")
+            ack_keys = [
+                key
+                for key in self.client.scan_iter(match=_glob_escape(ack_prefix) + "*", count=1000)
+                # Delayed messages held in memory wait for their ETA; they are not being run.
+                if not _text(key).endswith(".DQ")
+            ]
+            in_flight = 0
+            if ack_keys:
+                with self.client.pipeline(transaction=False) as pipe:
+                    for key in ack_keys:
+                        pipe.scard(key)
+                    in_flight = sum(int(n) for n in pipe.execute())
+            workers.append(
+                WorkerInfo(id=worker_id, last_heartbeat=_at_ms(score), in_flight=in_flight)
+            )
+        return sorted(workers, key=lambda w: w.id)
+
+    def retrying(self, *, limit: int | None = None) -> list[RetryingMessage]:
+        found = []
+        for name in self._queue_names():
+            for data in self.client.hvals(self._key(f"{dq_name(name)}.msgs")):
+                message = _decode(data)
+                if message is None or not message.options.get("retries"):
+                    continue
+                eta = message.options.get("eta")
+                found.append(
+                    RetryingMessage(
+                        message_id=message.message_id,
+                        queue=name,
+                        actor=message.actor_name,
+                        retries=int(message.options["retries"]),
+                        eta=_from_ms(eta) if isinstance(eta, (int, float)) else None,
+                        last_error=message.options.get("traceback"),
+                    )
+                )
+        found.sort(key=lambda r: (r.eta is None, r.eta.timestamp() if r.eta else 0.0, r.message_id))
+        return found if limit is None else found[:limit]
+
+    def _dead_entries(self, name: str) -> list[tuple[str, float, dramatiq.Message[Any] | None]]:
+        xq = self._key(xq_name(name))
+        entries = self.client.zrevrange(xq, 0, -1, withscores=True)
+        if not entries:
+            return []
+        datas = self.client.hmget(f"{xq}.msgs", [redis_id for redis_id, _ in entries])
+        return [
+            (_text(redis_id), float(score), _decode(data) if data is not None else None)
+            for (redis_id, score), data in zip(entries, datas, strict=True)
+        ]
+
+    def dead_letters(
+        self, queue: str | None = None, *, limit: int | None = None
+    ) -> list[DeadLetter]:
+        names = [q_name(queue)] if queue is not None else self._queue_names()
+        letters = []
+        for name in names:
+            for redis_id, score, message in self._dead_entries(name):
+                if message is None:
+                    letters.append(DeadLetter(redis_id, name, "", (), {}, 0, None, _from_ms(score)))
+                    continue
+                letters.append(
+                    DeadLetter(
+                        message_id=message.message_id,
+                        queue=name,
+                        actor=message.actor_name,
+                        args=tuple(message.args),
+                        kwargs=dict(message.kwargs),
+                        retries=int(message.options.get("retries", 0)),
+                        traceback=message.options.get("traceback"),
+                        died_at=_from_ms(score),
+                    )
+                )
+        letters.sort(key=lambda d: d.died_at.timestamp() if d.died_at else 0.0, reverse=True)
+        return letters if limit is None else letters[:limit]
+
+    def requeue(self, message_ids: Iterable[str]) -> int:
+        wanted = set(message_ids)
+        if not wanted:
+            return 0
+        count = 0
+        for name in self._queue_names():
+            xq = self._key(xq_name(name))
+            for redis_id, _score, message in self._dead_entries(name):
+                if message is None or message.message_id not in wanted:
+                    continue
+                # ZREM succeeds for one caller only, so a racing requeue cannot double it.
+                if self.client.zrem(xq, redis_id):
+                    self.broker.enqueue(_requeue_copy(message))
+                    self.client.hdel(f"{xq}.msgs", redis_id)
+                    count += 1
+        return count
+
+    def purge_dead(self, queue: str | None = None) -> int:
+        names = [q_name(queue)] if queue is not None else self._queue_names()
+        total = 0
+        for name in names:
+            xq = self._key(xq_name(name))
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.zcard(xq)
+                pipe.delete(xq, f"{xq}.msgs")
+                total += int(pipe.execute()[0])
+        return total
