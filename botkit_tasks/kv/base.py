@@ -12,10 +12,10 @@ __all__ = ["JsonValue", "KvKey", "KvStore", "Ttl"]
 KvKey = tuple[str, ...]
 
 #: A JSON value as stored: ``None`` only inside containers, never at top level.
-JsonValue = Union[dict[str, "JsonValue"], list["JsonValue"], str, int, float, bool, None]
+JsonValue = Union[dict[str, "JsonValue"], list["JsonValue"], str, int, float, bool, None]  # noqa: UP007 (evaluated at runtime on 3.10)
 
 #: A time to live: seconds, or a ``timedelta``; ``None`` means no expiry.
-Ttl = Union[float, int, timedelta, None]
+Ttl = Union[float, int, timedelta, None]  # noqa: UP007
 
 
 @runtime_checkable
