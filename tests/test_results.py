@@ -100,7 +100,8 @@ def _results_roundtrip(broker: dramatiq.Broker, backend: KvResultBackend) -> Non
 
 def test_results_through_a_worker_on_stub_broker(kv: Any) -> None:
     backend = KvResultBackend(kv, namespace=unique_name("ns"))
-    broker = StubBroker(middleware=[Results(backend=backend)])
+    broker = StubBroker()
+    broker.add_middleware(Results(backend=backend))
     broker.emit_after("process_boot")
     try:
         _results_roundtrip(broker, backend)
@@ -126,7 +127,8 @@ def test_results_through_a_worker_on_sql_broker(
     prefix = unique_name("r") + "_"
     kv = SqlKvStore(engine, table_name=f"{prefix}kv")
     backend = KvResultBackend(kv)
-    broker = SqlBroker(engine, middleware=[Results(backend=backend)], table_prefix=prefix)
+    broker = SqlBroker(engine, table_prefix=prefix)
+    broker.add_middleware(Results(backend=backend))
     try:
         _results_roundtrip(broker, backend)
     finally:
