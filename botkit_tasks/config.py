@@ -1,0 +1,331 @@
+"""Pick the key-value store and the broker from environment variables.
+
+The rules follow BotKit's deployment guide, translated to this library's
+backends.  Empty variables count as unset (``DATABASE_URL=`` in a compose file
+means "no database").
+
+============================================  ==========================================
+Environment                                   Backends
+============================================  ==========================================
+``DATABASE_URL=postgresql://…``               ``SqlKvStore`` + ``SqlBroker`` on PostgreSQL
+                                              (one shared engine, so ``atomic()`` works)
+``DATABASE_URL=sqlite:///path``               the same on a SQLite file
+``REDIS_URL=redis://…`` (or ``rediss://``,    ``RedisKvStore`` + Dramatiq's ``RedisBroker``
+``unix://``)
+``REDIS_HOST`` [+ ``REDIS_PORT``,             the same, URL built from the parts
+``REDIS_PASSWORD``, ``REDIS_TLS``]
+nothing                                       embedded SQLite file ``BOTKIT_SQLITE_PATH``
+                                              (default ``./botkit.sqlite3``)
+============================================  ==========================================
+
+``BOTKIT_PREFIX`` (default ``botkit``) names everything the backends create, so
+several bots can share one database or Redis: SQL tables ``{prefix}_kv``,
+``{prefix}_messages`` and ``{prefix}_workers``; Redis keys under ``{prefix}:`` and
+the Dramatiq namespace ``{prefix}`` (``dramatiq``, Dramatiq's own default, when
+``BOTKIT_PREFIX`` is not set).
+
+When both ``DATABASE_URL`` and a Redis setting are present (platforms often set
+both when both add-ons are attached), ``BOTKIT_BACKEND`` must say which one holds
+the bot's state and queue: ``postgres``, ``redis`` or ``sqlite``.  Guessing would
+silently put the queue somewhere the operator does not look.
+
+Every malformed value raises :class:`~botkit_tasks.errors.ConfigurationError`
+whose message starts with the variable's name.  Passwords never appear in
+messages or in :attr:`Backends.url`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote, urlsplit
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import dramatiq
+    from sqlalchemy.engine import Engine
+
+    from .kv.base import KvStore
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_SQLITE_PATH",
+    "BackendKind",
+    "Backends",
+    "from_env",
+    "from_urls",
+]
+
+#: SQLite file used when neither ``DATABASE_URL`` nor a Redis variable is set.
+DEFAULT_SQLITE_PATH = "botkit.sqlite3"
+
+#: Name prefix of tables and keys when ``BOTKIT_PREFIX`` is not set.
+DEFAULT_PREFIX = "botkit"
+
+#: Default port of ``REDIS_HOST`` when ``REDIS_PORT`` is not set.
+DEFAULT_REDIS_PORT = 6379
+
+BackendKind = Literal["sqlite", "postgresql", "redis"]
+
+_PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,30}")
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_REDIS_PARTS = ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_TLS")
+_BACKEND_NAMES: dict[str, BackendKind] = {
+    "postgres": "postgresql",
+    "postgresql": "postgresql",
+    "redis": "redis",
+    "valkey": "redis",
+    "sqlite": "sqlite",
+}
+
+
+@dataclass(frozen=True)
+class Backends:
+    """The key-value store and broker chosen by :func:`from_env`.
+
+    Unpacks as a pair, so ``kv, broker = from_env()`` works.
+
+    Attributes:
+        kv: The key-value store.
+        broker: The Dramatiq broker (``SqlBroker`` or ``RedisBroker``).
+        kind: ``"sqlite"``, ``"postgresql"`` or ``"redis"``.
+        url: The URL in use, password hidden (for logs and ``botkit-tasks status``).
+        engine: The SQLAlchemy engine shared by ``kv`` and ``broker`` (SQL backends
+            only): pass it to :func:`botkit_tasks.atomic`.
+    """
+
+    kv: KvStore
+    broker: dramatiq.Broker
+    kind: BackendKind
+    url: str
+    engine: Engine | None = field(default=None, repr=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.kv, self.broker))
+
+    def close(self) -> None:
+        """Close the broker and the store, then dispose the shared engine."""
+        self.broker.close()
+        self.kv.close()
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Backends:
+    """Build the key-value store and broker that the environment asks for.
+
+    Args:
+        environ: The variables to read; ``os.environ`` when ``None``.
+
+    Returns:
+        The chosen :class:`Backends`.  Nothing is connected yet beyond what the
+        backends do on construction (the SQL backends create their tables).
+
+    Raises:
+        ConfigurationError: A variable is malformed or the combination is
+            ambiguous; the message names the variable.
+    """
+    env = {k: v for k, v in (os.environ if environ is None else environ).items() if v != ""}
+    prefix = _prefix(env)
+    database_url = env.get("DATABASE_URL")
+    redis_url = _redis_url_from_env(env)
+    choice = env.get("BOTKIT_BACKEND")
+    if choice is not None:
+        kind = _BACKEND_NAMES.get(choice.strip().lower())
+        if kind is None:
+            raise ConfigurationError(
+                f"BOTKIT_BACKEND: {choice!r} is not one of postgres, redis, sqlite"
+            )
+        if kind == "postgresql":
+            if database_url is None:
+                raise ConfigurationError("BOTKIT_BACKEND: 'postgres' needs DATABASE_URL to be set")
+            return _sql_backends(database_url, "DATABASE_URL", prefix)
+        if kind == "redis":
+            if redis_url is None:
+                raise ConfigurationError(
+                    "BOTKIT_BACKEND: 'redis' needs REDIS_URL or REDIS_HOST to be set"
+                )
+            return _redis_backends(redis_url, prefix)
+        return _sql_backends(_sqlite_url(env), "BOTKIT_SQLITE_PATH", prefix)
+    if database_url is not None and redis_url is not None:
+        raise ConfigurationError(
+            "DATABASE_URL and REDIS_URL/REDIS_HOST are both set: set BOTKIT_BACKEND to "
+            "'postgres' or 'redis' to choose where the bot's state and queue live"
+        )
+    if database_url is not None:
+        return _sql_backends(database_url, "DATABASE_URL", prefix)
+    if redis_url is not None:
+        return _redis_backends(redis_url, prefix)
+    return _sql_backends(_sqlite_url(env), "BOTKIT_SQLITE_PATH", prefix)
+
+
+def from_urls(
+    *,
+    database_url: str | None = None,
+    redis_url: str | None = None,
+    prefix: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Backends:
+    """:func:`from_env` with explicit URLs taking the place of the environment's.
+
+    Used by the command line's ``--database-url``, ``--redis-url`` and
+    ``--prefix``.  A given URL replaces every backend variable of ``environ``
+    (``DATABASE_URL``, ``REDIS_*``, ``BOTKIT_BACKEND``); with neither URL,
+    ``environ`` decides as in :func:`from_env`.
+    """
+    if database_url is not None and redis_url is not None:
+        raise ConfigurationError("--database-url and --redis-url: give one, not both")
+    env = dict(os.environ if environ is None else environ)
+    if database_url is not None or redis_url is not None:
+        for name in ("DATABASE_URL", "REDIS_URL", "BOTKIT_BACKEND", *_REDIS_PARTS):
+            env.pop(name, None)
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    if redis_url is not None:
+        env["REDIS_URL"] = redis_url
+    if prefix is not None:
+        env["BOTKIT_PREFIX"] = prefix
+    return from_env(env)
+
+
+def _prefix(env: Mapping[str, str]) -> str | None:
+    prefix = env.get("BOTKIT_PREFIX")
+    if prefix is None:
+        return None
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise ConfigurationError(
+            f"BOTKIT_PREFIX: {prefix!r} must be a letter or underscore followed by up to "
+            "30 letters, digits or underscores"
+        )
+    return prefix
+
+
+def _sqlite_url(env: Mapping[str, str]) -> str:
+    path = env.get("BOTKIT_SQLITE_PATH", DEFAULT_SQLITE_PATH)
+    if "\x00" in path:
+        raise ConfigurationError("BOTKIT_SQLITE_PATH: contains a NUL character")
+    return f"sqlite:///{os.path.abspath(path)}"
+
+
+def _redis_url_from_env(env: Mapping[str, str]) -> str | None:
+    url = env.get("REDIS_URL")
+    parts = [name for name in _REDIS_PARTS if name in env]
+    if url is not None:
+        if parts:
+            raise ConfigurationError(
+                f"REDIS_URL: cannot be combined with {', '.join(parts)}; use one or the other"
+            )
+        _check_redis_url(url)
+        return url
+    if not parts:
+        return None
+    if "REDIS_HOST" not in env:
+        raise ConfigurationError(f"{parts[0]}: is set but REDIS_HOST is not")
+    host = env["REDIS_HOST"].strip()
+    if not host or any(c in host for c in "/@?# "):
+        raise ConfigurationError(f"REDIS_HOST: {host!r} is not a host name or address")
+    port = DEFAULT_REDIS_PORT
+    if "REDIS_PORT" in env:
+        raw = env["REDIS_PORT"].strip()
+        if not raw.isdigit() or not 0 < int(raw) < 65536:
+            raise ConfigurationError(f"REDIS_PORT: {raw!r} is not a port number (1-65535)")
+        port = int(raw)
+    tls = False
+    if "REDIS_TLS" in env:
+        flag = env["REDIS_TLS"].strip().lower()
+        if flag not in _TRUE | _FALSE:
+            raise ConfigurationError(
+                f"REDIS_TLS: {env['REDIS_TLS']!r} is not a boolean "
+                "(true/false, 1/0, yes/no, on/off)"
+            )
+        tls = flag in _TRUE
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # a bare IPv6 address
+    auth = f":{quote(env['REDIS_PASSWORD'], safe='')}@" if "REDIS_PASSWORD" in env else ""
+    return f"{'rediss' if tls else 'redis'}://{auth}{host}:{port}/0"
+
+
+def _check_redis_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise ConfigurationError(f"REDIS_URL: malformed URL {_redact(url)!r} ({exc})") from exc
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigurationError(
+            f"REDIS_URL: unsupported scheme {parts.scheme!r} in {_redact(url)!r}; "
+            "use redis://, rediss:// or unix://"
+        )
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigurationError(f"REDIS_URL: {_redact(url)!r} has no socket path")
+        return
+    if not parts.hostname:
+        raise ConfigurationError(f"REDIS_URL: {_redact(url)!r} has no host")
+    if port == 0:
+        raise ConfigurationError(f"REDIS_URL: port 0 in {_redact(url)!r}")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ConfigurationError(f"REDIS_URL: database {db!r} in {_redact(url)!r} is not a number")
+
+
+def _redact(url: str) -> str:
+    """``url`` with its password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
+
+
+def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
+    from sqlalchemy.engine import make_url
+
+    from ._sql import create_engine, normalize_url
+
+    try:
+        parsed = normalize_url(url)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{variable}: {exc}") from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        # Workers and the web app must see the same queue: a private in-memory
+        # database per connection would silently lose every message.
+        raise ConfigurationError(f"{variable}: an in-memory SQLite database cannot hold a queue")
+    from .brokers.sql import SqlBroker
+    from .kv.sql import SqlKvStore
+
+    prefix = prefix or DEFAULT_PREFIX
+    engine = create_engine(parsed)
+    try:
+        kv = SqlKvStore(engine, table_name=f"{prefix}_kv")
+        broker = SqlBroker(engine, table_prefix=f"{prefix}_")
+    except BaseException:
+        engine.dispose()
+        raise
+    shown = make_url(parsed).render_as_string(hide_password=True)
+    kind: BackendKind = "sqlite" if backend == "sqlite" else "postgresql"
+    return Backends(kv=kv, broker=broker, kind=kind, url=shown, engine=engine)
+
+
+def _redis_backends(url: str, prefix: str | None) -> Backends:
+    from dramatiq.brokers.redis import RedisBroker
+
+    from .kv.redis import RedisKvStore
+
+    kv = RedisKvStore(url, key_prefix=f"{prefix or DEFAULT_PREFIX}:")
+    try:
+        broker = RedisBroker(url=url, namespace=prefix or "dramatiq")  # type: ignore[no-untyped-call]
+    except BaseException:
+        kv.close()
+        raise
+    return Backends(kv=kv, broker=broker, kind="redis", url=_redact(url))

@@ -1,0 +1,329 @@
+"""``config.from_env()``: every variable combination, valid and malformed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import unique_name
+
+from botkit_tasks.config import Backends, from_env, from_urls
+from botkit_tasks.errors import ConfigurationError
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Backends]]:
+    """Collects the backends a test opens and closes them afterwards."""
+    backends: list[Backends] = []
+    yield backends
+    for b in backends:
+        b.close()
+
+
+def _drop_sql_tables(b: Backends) -> None:
+    import sqlalchemy as sa
+
+    assert b.engine is not None
+    prefix = b.kv.table_name.removesuffix("kv")  # type: ignore[attr-defined]
+    with b.engine.begin() as conn:
+        for name in sa.inspect(conn).get_table_names():
+            if name.startswith(prefix):
+                conn.execute(sa.text(f'DROP TABLE "{name}"'))
+
+
+# --- the embedded default ----------------------------------------------------------------
+
+
+def test_nothing_set_uses_sqlite_file_in_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opened: list[Backends]
+) -> None:
+    # Given an empty environment, in some working directory
+    monkeypatch.chdir(tmp_path)
+    # When backends are chosen
+    b = from_env({})
+    opened.append(b)
+    # Then both live in ./botkit.sqlite3 on one shared engine
+    from botkit_tasks.brokers.sql import SqlBroker
+    from botkit_tasks.kv.sql import SqlKvStore
+
+    assert b.kind == "sqlite"
+    assert isinstance(b.kv, SqlKvStore)
+    assert isinstance(b.broker, SqlBroker)
+    assert b.kv.engine is b.broker.engine is b.engine
+    assert b.url == f"sqlite:///{tmp_path}/botkit.sqlite3"
+    b.kv.set(("k",), 1)
+    assert (tmp_path / "botkit.sqlite3").exists()
+    # And it unpacks as (kv, broker)
+    kv, broker = b
+    assert kv is b.kv and broker is b.broker
+
+
+def test_sqlite_path_variable(tmp_path: Path, opened: list[Backends]) -> None:
+    path = tmp_path / "sub.sqlite3"
+    b = from_env({"BOTKIT_SQLITE_PATH": str(path)})
+    opened.append(b)
+    b.kv.set(("a",), {"x": 1})
+    assert b.kind == "sqlite" and path.exists()
+    assert b.kv.get(("a",)) == {"x": 1}
+
+
+def test_empty_values_count_as_unset(tmp_path: Path, opened: list[Backends]) -> None:
+    path = tmp_path / "e.sqlite3"
+    b = from_env(
+        {
+            "DATABASE_URL": "",
+            "REDIS_URL": "",
+            "REDIS_HOST": "",
+            "BOTKIT_SQLITE_PATH": str(path),
+        }
+    )
+    opened.append(b)
+    assert b.kind == "sqlite"
+
+
+def test_prefix_names_tables(tmp_path: Path, opened: list[Backends]) -> None:
+    b = from_env({"BOTKIT_SQLITE_PATH": str(tmp_path / "p.sqlite3"), "BOTKIT_PREFIX": "mybot"})
+    opened.append(b)
+    assert b.kv.table_name == "mybot_kv"  # type: ignore[attr-defined]
+    assert b.broker.table_prefix == "mybot_"  # type: ignore[attr-defined]
+
+
+def test_database_url_sqlite(tmp_path: Path, opened: list[Backends]) -> None:
+    b = from_env({"DATABASE_URL": f"sqlite:///{tmp_path}/d.sqlite3"})
+    opened.append(b)
+    assert b.kind == "sqlite"
+    assert b.kv.engine is b.broker.engine  # type: ignore[attr-defined]
+
+
+# --- PostgreSQL --------------------------------------------------------------------------
+
+
+def test_database_url_postgres_shares_one_engine(database_url: str, opened: list[Backends]) -> None:
+    # Given DATABASE_URL in the plain postgresql:// form platforms hand out
+    plain = database_url.replace("postgresql+psycopg://", "postgresql://")
+    prefix = unique_name("cfg")
+    # When backends are chosen
+    b = from_env({"DATABASE_URL": plain, "BOTKIT_PREFIX": prefix})
+    try:
+        # Then KV and broker are SQL backends on one engine (so atomic() spans both)
+        from botkit_tasks import atomic
+        from botkit_tasks.brokers.sql import SqlBroker
+        from botkit_tasks.kv.sql import SqlKvStore
+
+        assert b.kind == "postgresql"
+        assert isinstance(b.kv, SqlKvStore) and isinstance(b.broker, SqlBroker)
+        assert b.kv.engine is b.broker.engine is b.engine
+        assert b.engine is not None and b.engine.dialect.driver == "psycopg"
+        with atomic(b.engine):
+            b.kv.set(("k",), "v")
+        assert b.kv.get(("k",)) == "v"
+    finally:
+        _drop_sql_tables(b)
+        b.close()
+
+
+def test_postgres_scheme_alias(database_url: str, opened: list[Backends]) -> None:
+    # Heroku-style postgres:// is accepted
+    url = database_url.replace("postgresql+psycopg://", "postgres://")
+    b = from_env({"DATABASE_URL": url, "BOTKIT_PREFIX": unique_name("cfg")})
+    try:
+        assert b.kind == "postgresql"
+    finally:
+        _drop_sql_tables(b)
+        b.close()
+
+
+# --- Redis -------------------------------------------------------------------------------
+
+
+def test_redis_url(redis_url: str, opened: list[Backends]) -> None:
+    from dramatiq.brokers.redis import RedisBroker
+
+    from botkit_tasks.kv.redis import RedisKvStore
+
+    prefix = unique_name("cfg")
+    b = from_env({"REDIS_URL": redis_url, "BOTKIT_PREFIX": prefix})
+    opened.append(b)
+    assert b.kind == "redis"
+    assert isinstance(b.kv, RedisKvStore) and isinstance(b.broker, RedisBroker)
+    assert b.broker.namespace == prefix
+    b.kv.set(("k",), [1, 2])
+    try:
+        assert b.kv.get(("k",)) == [1, 2]
+    finally:
+        b.kv.delete(("k",))
+    assert b.engine is None
+
+
+def test_redis_default_namespace_is_dramatiqs(redis_url: str, opened: list[Backends]) -> None:
+    b = from_env({"REDIS_URL": redis_url})
+    opened.append(b)
+    assert b.broker.namespace == "dramatiq"  # type: ignore[attr-defined]
+
+
+def test_redis_host_and_port(redis_url: str, opened: list[Backends]) -> None:
+    # Given the BotKit-guide style variables pointing at the test server
+    parts = urlsplit(redis_url)
+    env = {
+        "REDIS_HOST": parts.hostname or "127.0.0.1",
+        "REDIS_PORT": str(parts.port or 6379),
+        "REDIS_TLS": "false",
+        "BOTKIT_PREFIX": unique_name("cfg"),
+    }
+    # When backends are chosen
+    b = from_env(env)
+    opened.append(b)
+    # Then they reach that server
+    assert b.kind == "redis"
+    assert b.url == f"redis://{env['REDIS_HOST']}:{env['REDIS_PORT']}/0"
+    b.kv.set(("ping",), True)
+    try:
+        assert b.kv.get(("ping",)) is True
+    finally:
+        b.kv.delete(("ping",))
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "ssl", "password"),
+    [
+        ({"REDIS_HOST": "cache.internal"}, "redis://cache.internal:6379/0", False, None),
+        (
+            {"REDIS_HOST": "cache", "REDIS_PORT": "6380", "REDIS_PASSWORD": "s3cr/t@"},
+            "redis://:***@cache:6380/0",
+            False,
+            "s3cr/t@",
+        ),
+        ({"REDIS_HOST": "cache", "REDIS_TLS": "TRUE"}, "rediss://cache:6379/0", True, None),
+        ({"REDIS_HOST": "cache", "REDIS_TLS": "1"}, "rediss://cache:6379/0", True, None),
+        ({"REDIS_HOST": "cache", "REDIS_TLS": "off"}, "redis://cache:6379/0", False, None),
+        ({"REDIS_HOST": "::1"}, "redis://[::1]:6379/0", False, None),
+    ],
+)
+def test_redis_parts_build_the_url(
+    env: dict[str, str], url: str, ssl: bool, password: str | None, opened: list[Backends]
+) -> None:
+    # Nothing connects until first use, so unreachable hosts are fine here.
+    b = from_env(env)
+    opened.append(b)
+    assert b.url == url
+    kwargs = b.broker.client.connection_pool.connection_kwargs  # type: ignore[attr-defined]
+    assert kwargs.get("password") == password
+    pool = b.broker.client.connection_pool  # type: ignore[attr-defined]
+    assert ("SSL" in pool.connection_class.__name__) is ssl
+
+
+def test_password_never_shown(opened: list[Backends]) -> None:
+    b = from_env({"REDIS_URL": "redis://user:hunter2@cache:6379/1"})
+    opened.append(b)
+    assert "hunter2" not in b.url and "***" in b.url
+    with pytest.raises(ConfigurationError) as info:
+        from_env({"REDIS_URL": "redis://user:hunter2@cache:notaport/1"})
+    assert "hunter2" not in str(info.value)
+
+
+# --- both, and the explicit choice -------------------------------------------------------
+
+
+def test_database_and_redis_without_choice_is_an_error() -> None:
+    with pytest.raises(ConfigurationError, match="BOTKIT_BACKEND"):
+        from_env({"DATABASE_URL": "sqlite:///x.sqlite3", "REDIS_URL": "redis://cache:6379/0"})
+    with pytest.raises(ConfigurationError, match="DATABASE_URL"):
+        from_env({"DATABASE_URL": "sqlite:///x.sqlite3", "REDIS_HOST": "cache"})
+
+
+def test_backend_choice_picks_one(tmp_path: Path, opened: list[Backends]) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/c.sqlite3", "REDIS_URL": "redis://cache:1/0"}
+    b = from_env({**env, "BOTKIT_BACKEND": "postgres"})  # "postgres" = the DATABASE_URL
+    opened.append(b)
+    assert b.kind == "sqlite" and b.url.endswith("c.sqlite3")
+    r = from_env({**env, "BOTKIT_BACKEND": "Redis"})
+    opened.append(r)
+    assert r.kind == "redis"
+    s = from_env({**env, "BOTKIT_BACKEND": "sqlite", "BOTKIT_SQLITE_PATH": str(tmp_path / "s")})
+    opened.append(s)
+    assert s.kind == "sqlite" and s.url.endswith("/s")
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"BOTKIT_BACKEND": "mongodb"}, "BOTKIT_BACKEND"),
+        ({"BOTKIT_BACKEND": "redis"}, "BOTKIT_BACKEND"),
+        ({"BOTKIT_BACKEND": "postgres"}, "BOTKIT_BACKEND"),
+        ({"REDIS_URL": "redis://a:6379/0", "REDIS_HOST": "b"}, "REDIS_URL"),
+    ],
+)
+def test_inconsistent_choices(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        from_env(env)
+    assert str(info.value).startswith(variable)
+
+
+# --- malformed values --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "mysql://u@h/db"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite://"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "sqlite:///:memory:"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u@h:port/db"}, "DATABASE_URL"),
+        ({"REDIS_URL": "http://cache:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "cache:6379"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:port/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:99999/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:6379/zero"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis:///0"}, "REDIS_URL"),
+        ({"REDIS_URL": "unix://"}, "REDIS_URL"),
+        ({"REDIS_HOST": "cache", "REDIS_PORT": "six"}, "REDIS_PORT"),
+        ({"REDIS_HOST": "cache", "REDIS_PORT": "0"}, "REDIS_PORT"),
+        ({"REDIS_HOST": "cache", "REDIS_PORT": "70000"}, "REDIS_PORT"),
+        ({"REDIS_HOST": "cache", "REDIS_PORT": "-1"}, "REDIS_PORT"),
+        ({"REDIS_HOST": "cache", "REDIS_TLS": "maybe"}, "REDIS_TLS"),
+        ({"REDIS_HOST": "cache", "REDIS_TLS": "2"}, "REDIS_TLS"),
+        ({"REDIS_HOST": "user@cache"}, "REDIS_HOST"),
+        ({"REDIS_HOST": "   "}, "REDIS_HOST"),
+        ({"REDIS_PORT": "6379"}, "REDIS_PORT"),
+        ({"REDIS_PASSWORD": "x"}, "REDIS_PASSWORD"),
+        ({"REDIS_TLS": "true"}, "REDIS_TLS"),
+        ({"BOTKIT_PREFIX": "has space"}, "BOTKIT_PREFIX"),
+        ({"BOTKIT_PREFIX": "1abc"}, "BOTKIT_PREFIX"),
+        ({"BOTKIT_PREFIX": "a" * 40}, "BOTKIT_PREFIX"),
+        ({"BOTKIT_SQLITE_PATH": "bad\x00path"}, "BOTKIT_SQLITE_PATH"),
+    ],
+)
+def test_malformed_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        from_env(env)
+    assert str(info.value).startswith(f"{variable}:"), str(info.value)
+    # ConfigurationError is a ValueError too, for callers that only know the builtin
+    assert isinstance(info.value, ValueError)
+
+
+def test_reads_os_environ_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, opened: list[Backends]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith(("REDIS_", "BOTKIT_")) or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("BOTKIT_SQLITE_PATH", str(tmp_path / "env.sqlite3"))
+    b = from_env()
+    opened.append(b)
+    assert b.url.endswith("env.sqlite3")
+
+
+def test_from_urls_overrides_environment(tmp_path: Path, opened: list[Backends]) -> None:
+    env = {"REDIS_URL": "redis://cache:6379/0", "BOTKIT_BACKEND": "redis"}
+    b = from_urls(database_url=f"sqlite:///{tmp_path}/o.sqlite3", environ=env)
+    opened.append(b)
+    assert b.kind == "sqlite"
+    r = from_urls(redis_url="redis://other:6379/0", prefix="px", environ={"REDIS_HOST": "x"})
+    opened.append(r)
+    assert r.kind == "redis" and r.broker.namespace == "px"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="one, not both"):
+        from_urls(database_url="sqlite:///a", redis_url="redis://b")
