@@ -1,0 +1,183 @@
+"""A bot's followers, one key-value entry per follower.
+
+Each follower is stored under ``("botkit", username, "followers", actor_id)``
+as ``{"id", "inbox", "sharedInbox" (when the actor announces one),
+"followedAt"}``.  One entry per follower (never a growing array) keeps every
+write O(1) and lets 100,000 followers be listed page by page in key order.
+
+A counter under ``("botkit", username, "followers-count")`` answers
+``count()`` without scanning; it is maintained with compare-and-swap next to
+each add/remove.  Should a process die between the two writes the counter can
+drift by one; ``recount()`` repairs it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from botkit_tasks.kv.base import JsonValue, KvKey, KvStore
+
+__all__ = ["Follower", "Followers"]
+
+#: A stored follower record: ``{"id", "inbox", "sharedInbox"?, "followedAt"}``.
+Follower = dict[str, JsonValue]
+
+_MAX_CAS_ATTEMPTS = 100
+
+
+class Followers:
+    """The followers of one local actor, kept in a key-value store.
+
+    Args:
+        kv: Any :class:`~botkit_tasks.kv.KvStore`.
+        username: The local actor's username (part of every key).
+    """
+
+    def __init__(self, kv: KvStore, username: str) -> None:
+        self.kv = kv
+        self.username = username
+        self._prefix: KvKey = ("botkit", username, "followers")
+        self._count_key: KvKey = ("botkit", username, "followers-count")
+
+    def _key(self, actor_id: str) -> KvKey:
+        return (*self._prefix, actor_id)
+
+    def add(self, actor: Mapping[str, Any]) -> Follower:
+        """Add or refresh a follower and return the stored record.
+
+        Args:
+            actor: Either a remote actor document (``id``, ``inbox`` and
+                optionally ``endpoints.sharedInbox``) or a stored record
+                (``id``, ``inbox``, optionally ``sharedInbox``/``followedAt``).
+
+        Returns:
+            The record as stored.  Re-adding an existing follower keeps its
+            original ``followedAt`` and updates its inbox URLs.
+
+        Raises:
+            ValueError: ``id`` or ``inbox`` is missing or not an http(s) URL.
+        """
+        record = _record_from(actor)
+        key = self._key(str(record["id"]))
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            current = self.kv.get(key)
+            if isinstance(current, dict) and "followedAt" in current:
+                record["followedAt"] = current["followedAt"]
+            if self.kv.cas(key, current, record):
+                if current is None:
+                    self._bump(1)
+                return record
+        raise RuntimeError(f"could not store follower {record['id']!r}: too much contention")
+
+    def remove(self, actor_id: str) -> bool:
+        """Remove a follower; return whether it was one."""
+        key = self._key(actor_id)
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            current = self.kv.get(key)
+            if current is None:
+                return False
+            if self.kv.cas(key, current, None):
+                self._bump(-1)
+                return True
+        raise RuntimeError(f"could not remove follower {actor_id!r}: too much contention")
+
+    def get(self, actor_id: str) -> Follower | None:
+        """The stored record of ``actor_id``, or ``None`` when it does not follow."""
+        value = self.kv.get(self._key(actor_id))
+        return value if isinstance(value, dict) else None
+
+    def __contains__(self, actor_id: object) -> bool:
+        return isinstance(actor_id, str) and self.get(actor_id) is not None
+
+    def count(self) -> int:
+        """The number of followers (from the maintained counter, O(1))."""
+        value = self.kv.get(self._count_key)
+        return max(int(value), 0) if isinstance(value, int) else 0
+
+    def recount(self) -> int:
+        """Count the followers by scanning them, store that as the counter and return it."""
+        total = sum(1 for _ in self.iter())
+        self.kv.set(self._count_key, total)
+        return total
+
+    def iter(self) -> Iterator[Follower]:
+        """Every follower record, in actor-id order (streamed from ``kv.list``)."""
+        for _key, value in self.kv.list(self._prefix):
+            if isinstance(value, dict):
+                yield value
+
+    def page(self, after: str | None = None, limit: int = 40) -> tuple[list[Follower], str | None]:
+        """One page of followers in actor-id order (keyset pagination).
+
+        Args:
+            after: The last actor id of the previous page, or ``None`` for the
+                first page.
+            limit: The maximum number of records in the page (at least 1).
+
+        Returns:
+            ``(records, next_after)`` where ``next_after`` is the cursor for the
+            next page, or ``None`` when this page is the last one.
+        """
+        limit = max(1, limit)
+        items: list[Follower] = []
+        for key, value in self.kv.list(self._prefix):
+            # The KvStore contract lists a whole prefix in key order; skipping to the
+            # cursor keeps pages stable even when followers are added meanwhile.
+            if after is not None and key[-1] <= after:
+                continue
+            if not isinstance(value, dict):
+                continue
+            if len(items) == limit:
+                return items, str(items[-1]["id"])
+            items.append(value)
+        return items, None
+
+    def drop_inbox(self, inbox_url: str) -> int:
+        """Remove every follower whose ``inbox`` or ``sharedInbox`` is ``inbox_url``.
+
+        Called when a delivery to that URL answers 404/410: the actors behind it
+        are gone.  Returns the number of followers removed.
+        """
+        doomed = [
+            str(record["id"])
+            for record in self.iter()
+            if inbox_url in (record.get("inbox"), record.get("sharedInbox"))
+        ]
+        return sum(1 for actor_id in doomed if self.remove(actor_id))
+
+    def _bump(self, delta: int) -> None:
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            current = self.kv.get(self._count_key)
+            value = current if isinstance(current, int) else 0
+            if self.kv.cas(self._count_key, current, max(value + delta, 0)):
+                return
+        raise RuntimeError("could not update the followers counter: too much contention")
+
+
+def _record_from(actor: Mapping[str, Any]) -> Follower:
+    actor_id = actor.get("id")
+    inbox = actor.get("inbox")
+    shared = actor.get("sharedInbox")
+    endpoints = actor.get("endpoints")
+    if shared is None and isinstance(endpoints, Mapping):
+        shared = endpoints.get("sharedInbox")
+    if not _is_http_url(actor_id):
+        raise ValueError(f"follower id must be an http(s) URL, got {actor_id!r}")
+    if not _is_http_url(inbox):
+        raise ValueError(f"follower inbox must be an http(s) URL, got {inbox!r}")
+    record: Follower = {"id": actor_id, "inbox": inbox}
+    if _is_http_url(shared):
+        record["sharedInbox"] = shared
+    followed_at = actor.get("followedAt")
+    record["followedAt"] = (
+        followed_at
+        if isinstance(followed_at, str)
+        else dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    )
+    return record
+
+
+def _is_http_url(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(("https://", "http://"))
