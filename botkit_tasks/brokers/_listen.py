@@ -1,0 +1,107 @@
+"""PostgreSQL ``LISTEN`` thread shared by every consumer of a :class:`SqlBroker`.
+
+One thread per broker (in practice per worker process) holds one dedicated
+connection, opened outside the engine's pool so that pool recycling and
+``pool_pre_ping`` never touch it, and turns notifications into wake-ups of the
+in-process consumers.  When the connection is lost it reconnects with backoff
+and then wakes every consumer, because notifications sent while it was away
+are gone and the queues must be polled at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from sqlalchemy.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+#: How long one wait for notifications lasts before the stop flag is checked (s).
+WAIT_SLICE = 1.0
+#: Longest pause between reconnection attempts (s).
+MAX_RECONNECT_DELAY = 5.0
+
+
+class PgListener:
+    """Listen on ``channel`` and call ``on_notify(payload)`` for each notification.
+
+    Args:
+        engine: Engine whose URL and connection arguments are used for the
+            dedicated connection.
+        channel: Channel name (at most 63 bytes, Postgres' identifier limit).
+        on_notify: Called on the listener thread with each payload.
+        on_connect: Called after every successful (re)connection, once
+            ``LISTEN`` is in effect; used to poll the queues at once.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        channel: str,
+        on_notify: Callable[[str], None],
+        on_connect: Callable[[], None],
+    ) -> None:
+        self.engine = engine
+        self.channel = channel
+        self.on_notify = on_notify
+        self.on_connect = on_connect
+        self.pid = os.getpid()
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._thread = threading.Thread(
+            target=self._run, name=f"botkit-listen-{channel}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = WAIT_SLICE + 1.0) -> None:
+        """Ask the thread to finish and wait up to ``timeout`` seconds for it."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+        cparams = {k: v for k, v in cparams.items() if k != "context"}
+        cparams.setdefault("application_name", f"botkit_tasks listener {self.channel}"[:63])
+        conn = psycopg.connect(*cargs, autocommit=True, connect_timeout=10, **cparams)
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+        return conn
+
+    def _run(self) -> None:
+        delay = 0.05
+        while not self._stop.is_set():
+            try:
+                self._conn = self._connect()
+                self.connected.set()
+                delay = 0.05
+                self.on_connect()
+                while not self._stop.is_set():
+                    for notify in self._conn.notifies(timeout=WAIT_SLICE):
+                        if self._stop.is_set():
+                            break
+                        if notify.payload:
+                            self.on_notify(notify.payload)
+            except psycopg.Error as exc:
+                if not self._stop.is_set():
+                    logger.warning("LISTEN connection lost (%s); reconnecting", exc)
+            except Exception:  # keep the wake-ups alive whatever a callback does
+                logger.exception("unexpected error in the LISTEN thread")
+            finally:
+                self.connected.clear()
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        logger.debug("closing the LISTEN connection failed", exc_info=True)
+            self._stop.wait(delay)
+            delay = min(delay * 2, MAX_RECONNECT_DELAY)

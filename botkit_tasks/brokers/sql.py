@@ -1,0 +1,985 @@
+"""A Dramatiq broker on SQLAlchemy: PostgreSQL (psycopg 3) and SQLite.
+
+Schema (SQLAlchemy Core, created by :meth:`SqlBroker.create_tables`; times are
+epoch milliseconds from the database clock):
+
+``{prefix}messages`` — one row per delivery:
+    ``id`` (BIGINT identity, the per-delivery row id), ``message_id``
+    (indexed, not unique: retries re-enqueue the same id before the old copy
+    is acked), ``queue_name`` (``X`` or ``X.DQ``), ``actor_name``, ``state``
+    (``queued`` | ``consumed`` | ``dead``), ``available_at`` (when the row may
+    be claimed; the ETA for ``.DQ`` rows), ``enqueued_at``, ``worker_id``,
+    ``consumed_at``, ``dead_at``, ``retries`` and ``last_error`` (copied from
+    the options for monitoring), ``data`` (``message.encode()``, any encoder).
+    Partial index ``(queue_name, available_at, id) WHERE state = 'queued'``.
+
+``{prefix}workers`` — one row per live consumer:
+    ``worker_id`` (PK), ``hostname``, ``pid``, ``heartbeat_at``, ``queues``.
+
+Life of a row: ``enqueue`` inserts it ``queued``; a consumer claims a batch
+with ``FOR UPDATE SKIP LOCKED`` (``consumed``, stamped with its worker id);
+``ack`` deletes it (deletes are grouped: they are flushed with the consumer's
+next claim or within :data:`ACK_DELAY`); ``nack`` turns it into a ``dead``
+letter kept for ``dead_message_ttl``.  A row leaves only when acked, so a
+consumer that stops heartbeating for ``heartbeat_timeout`` has its rows handed
+out again by another consumer's maintenance pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import dramatiq
+import sqlalchemy as sa
+from dramatiq.broker import Consumer, MessageProxy
+from dramatiq.common import current_millis, dq_name, q_name
+from dramatiq.errors import ConnectionClosed, QueueJoinTimeout
+from dramatiq.logging import get_logger
+from dramatiq.message import Message
+from dramatiq.middleware import Middleware
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, Connection, Engine
+
+from .._sql import ambient_connection, is_postgres, on_commit, resolve_engine, transaction
+from ..errors import ConfigurationError
+
+__all__ = ["SqlBroker"]
+
+#: Seconds between two polls of an idle queue (the safety net under NOTIFY).
+DEFAULT_POLL_INTERVAL = 1.0
+#: Seconds without a heartbeat before a consumer's in-flight rows are handed out again.
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+#: Seconds a dead letter is kept.
+DEFAULT_DEAD_MESSAGE_TTL = 7 * 86400
+#: Most rows one claim takes (the delay-queue consumer asks for thousands).
+MAX_CLAIM = 500
+#: Longest time (s) an ack waits to be grouped with others into one DELETE.
+ACK_DELAY = 0.005
+#: Attempts ``enqueue`` makes on a transient database error before raising.
+ENQUEUE_ATTEMPTS = 6
+#: Most ids in one ``IN (...)`` list (SQLite caps bound parameters).
+_CHUNK = 5000
+
+_PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
+
+
+def _now_ms(engine: Engine) -> sa.ColumnElement[int]:
+    if is_postgres(engine):
+        # clock_timestamp(), not now(): inside a long atomic() block now() is the
+        # start of the transaction, which would make due times drift.
+        return sa.cast(
+            sa.func.floor(sa.extract("epoch", sa.func.clock_timestamp()) * 1000), sa.BigInteger
+        )
+    return sa.cast((sa.func.julianday("now") - 2440587.5) * 86400000.0, sa.BigInteger)
+
+
+def _bigint_id() -> sa.Column[int]:
+    # SQLite only auto-increments an INTEGER PRIMARY KEY; AUTOINCREMENT (set on
+    # the table) keeps deleted ids from being reused by a later delivery.
+    return sa.Column(
+        "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), sa.Identity(), primary_key=True
+    )
+
+
+def _define_tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
+    metadata = sa.MetaData()
+    messages = sa.Table(
+        f"{prefix}messages",
+        metadata,
+        _bigint_id(),
+        sa.Column("message_id", sa.String(36), nullable=False, index=True),
+        sa.Column("queue_name", sa.String(255), nullable=False),
+        sa.Column("actor_name", sa.String(255), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("available_at", sa.BigInteger, nullable=False),
+        sa.Column("enqueued_at", sa.BigInteger, nullable=False),
+        sa.Column("worker_id", sa.String(64)),
+        sa.Column("consumed_at", sa.BigInteger),
+        sa.Column("dead_at", sa.BigInteger),
+        sa.Column("retries", sa.Integer, nullable=False, default=0),
+        sa.Column("last_error", sa.Text),
+        sa.Column("data", sa.LargeBinary, nullable=False),
+        sqlite_autoincrement=True,
+    )
+    queued = messages.c.state == "queued"
+    sa.Index(
+        f"{prefix}messages_ready_idx",
+        messages.c.queue_name,
+        messages.c.available_at,
+        messages.c.id,
+        postgresql_where=queued,
+        sqlite_where=queued,
+    )
+    workers = sa.Table(
+        f"{prefix}workers",
+        metadata,
+        sa.Column("worker_id", sa.String(64), primary_key=True),
+        sa.Column("hostname", sa.String(255), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("heartbeat_at", sa.BigInteger, nullable=False),
+        sa.Column("queues", sa.Text, nullable=False),
+    )
+    return metadata, messages, workers
+
+
+def _lock_key(name: str) -> int:
+    # A stable signed 64-bit key for pg_advisory_*lock derived from the prefix.
+    return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
+
+
+def _channel_name(prefix: str) -> str:
+    channel = f"{prefix}messages"
+    # Postgres truncates identifiers to 63 bytes, which would let two long
+    # prefixes share a channel; hash them down instead.
+    if len(channel.encode()) > 63:
+        channel = f"{prefix[:40]}_{hashlib.sha1(prefix.encode()).hexdigest()[:16]}"
+    return channel
+
+
+def _is_transient(engine: Engine, exc: BaseException) -> bool:
+    """Whether ``exc`` is a lost connection or (SQLite) a busy database."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if is_postgres(engine):
+        return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+    text = str(exc.orig).lower()
+    return isinstance(exc, sa.exc.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def _closed(exc: BaseException) -> ConnectionClosed:
+    return ConnectionClosed(exc)  # type: ignore[no-untyped-call]
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[list[int]]:
+    for start in range(0, len(ids), _CHUNK):
+        yield list(ids[start : start + _CHUNK])
+
+
+class SqlMessageProxy(MessageProxy):
+    """A claimed message; ``row_id`` is its delivery row in ``{prefix}messages``."""
+
+    def __init__(self, message: Message[Any], row_id: int) -> None:
+        super().__init__(message)
+        self.row_id = row_id
+
+
+class SqlBroker(dramatiq.Broker):
+    """A Dramatiq broker storing messages in PostgreSQL or SQLite.
+
+    Args:
+        url_or_engine: A database URL (``postgresql://…`` or ``sqlite:///…``)
+            or a SQLAlchemy ``Engine``.  Pass the engine you use with
+            :func:`botkit_tasks.atomic` so that ``send()`` inside the block
+            joins its transaction.  An engine you pass is never disposed.
+        middleware: Dramatiq middleware; ``None`` means Dramatiq's defaults.
+        table_prefix: Prefix of every table, index and notification channel
+            the broker creates.
+        poll_interval: Seconds between polls of an idle queue.  PostgreSQL
+            wakes consumers with ``LISTEN/NOTIFY`` at once; this is the
+            safety net there, and how SQLite consumers see messages sent by
+            other processes.
+        heartbeat_timeout: Seconds without a heartbeat after which a
+            consumer's in-flight messages are handed out again.
+        dead_message_ttl: Seconds a dead-lettered message is kept.
+        create_tables: Create the tables (idempotently) in the constructor.
+    """
+
+    def __init__(
+        self,
+        url_or_engine: str | URL | Engine,
+        *,
+        middleware: list[Middleware] | None = None,
+        table_prefix: str = "botkit_",
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        dead_message_ttl: float = DEFAULT_DEAD_MESSAGE_TTL,
+        create_tables: bool = True,
+    ) -> None:
+        if not _PREFIX_RE.match(table_prefix):
+            raise ConfigurationError(
+                f"table_prefix must be a short SQL identifier (letters, digits, _), "
+                f"got {table_prefix!r}"
+            )
+        if poll_interval <= 0 or heartbeat_timeout <= 0 or dead_message_ttl <= 0:
+            raise ConfigurationError(
+                "poll_interval, heartbeat_timeout and dead_message_ttl must be positive"
+            )
+        super().__init__(middleware=middleware)
+        self.engine, self._owns_engine = resolve_engine(url_or_engine)
+        if self.engine.dialect.name not in ("postgresql", "sqlite"):
+            raise ConfigurationError(
+                f"SqlBroker supports PostgreSQL and SQLite, not {self.engine.dialect.name}"
+            )
+        self.table_prefix = table_prefix
+        self.poll_interval = poll_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.dead_message_ttl = dead_message_ttl
+        self.queues: set[str] = set()
+        self.metadata, self.messages, self.workers = _define_tables(table_prefix)
+        self.channel = _channel_name(table_prefix)
+        self.is_postgres = is_postgres(self.engine)
+        self._lock_key = _lock_key(table_prefix)
+        self._lock = threading.Lock()
+        self._waiters: dict[str, set[_SqlConsumer]] = {}
+        self._acks: list[int] = []
+        self._acks_since = 0.0
+        self._next_maintenance = time.monotonic() + self._maintenance_interval() * random.random()
+        self._listener: Any = None
+        self._inherited: list[Any] = []
+        self._build_statements()
+        if create_tables:
+            self.create_tables()
+
+    # -- schema --------------------------------------------------------------
+
+    def create_tables(self) -> None:
+        """Create the broker's tables and indexes if they do not exist.
+
+        Safe to run concurrently from several processes (PostgreSQL takes an
+        advisory lock; SQLite serializes writers).
+        """
+        with self.engine.begin() as conn:
+            if self.is_postgres:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(self._lock_key)))
+            self.metadata.create_all(conn, checkfirst=True)
+
+    def drop_tables(self) -> None:
+        """Drop the broker's tables (tests and uninstall)."""
+        with self.engine.begin() as conn:
+            self.metadata.drop_all(conn, checkfirst=True)
+
+    def _build_statements(self) -> None:
+        m, w = self.messages, self.workers
+        now = _now_ms(self.engine)
+        self._now = now
+        self._insert = m.insert().values(
+            available_at=now + sa.bindparam("delay_ms", type_=sa.BigInteger),
+            enqueued_at=now,
+            state="queued",
+        )
+        self._notify = sa.select(sa.func.pg_notify(self.channel, sa.bindparam("queue")))
+        pick = (
+            sa.select(m.c.id)
+            .where(
+                m.c.queue_name == sa.bindparam("queue"),
+                m.c.state == "queued",
+                m.c.available_at <= now,
+            )
+            .order_by(m.c.available_at, m.c.id)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+            .with_for_update(skip_locked=True)
+        )
+        self._claim = (
+            m.update()
+            .where(m.c.id.in_(pick.scalar_subquery()))
+            .values(state="consumed", worker_id=sa.bindparam("worker"), consumed_at=now)
+            .returning(m.c.id, m.c.available_at, m.c.data)
+        )
+        self._next_due = sa.select(sa.func.min(m.c.available_at) - now).where(
+            m.c.queue_name == sa.bindparam("queue"),
+            m.c.state == "queued",
+            m.c.available_at > now,
+        )
+        self._delete = m.delete().where(m.c.id.in_(sa.bindparam("ids", expanding=True)))
+        insert = pg_dialect.insert if self.is_postgres else sqlite_dialect.insert
+        upsert = insert(w).values(
+            worker_id=sa.bindparam("worker"),
+            hostname=socket.gethostname()[:255],
+            pid=sa.bindparam("pid"),
+            heartbeat_at=now,
+            queues=sa.bindparam("queues"),
+        )
+        self._heartbeat = upsert.on_conflict_do_update(
+            index_elements=[w.c.worker_id],
+            set_={"heartbeat_at": upsert.excluded.heartbeat_at, "pid": upsert.excluded.pid},
+        )
+
+    # -- Dramatiq's broker contract --------------------------------------------
+
+    def close(self) -> None:
+        """Stop the LISTEN thread and dispose of the engine if the broker made it."""
+        listener, self._listener = self._listener, None
+        if listener is not None and listener.pid == os.getpid():
+            listener._stop.set()
+            try:  # an empty notification ends the listener's wait at once
+                with self.engine.begin() as conn:
+                    conn.execute(self._notify, {"queue": ""})
+            except sa.exc.DBAPIError:
+                pass
+            listener.stop()
+        if self._owns_engine:
+            self.engine.dispose()
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 30000) -> Consumer:
+        """Return a consumer of ``queue_name``.
+
+        Args:
+            queue_name: The queue (``X`` or ``X.DQ``) to consume.
+            prefetch: Most messages the consumer holds unacked at once.
+            timeout: Milliseconds ``__next__`` waits before returning ``None``.
+        """
+        if self.is_postgres:
+            self._ensure_listener()
+        return _SqlConsumer(self, queue_name, prefetch, timeout)
+
+    def declare_queue(self, queue_name: str) -> None:
+        """Declare ``queue_name`` and its delay queue (idempotent; emits the hooks)."""
+        if queue_name not in self.queues:
+            self.emit_before("declare_queue", queue_name)
+            self.queues.add(queue_name)
+            self.emit_after("declare_queue", queue_name)
+            delayed = dq_name(queue_name)
+            self.delay_queues.add(delayed)
+            self.emit_after("declare_delay_queue", delayed)
+
+    def get_declared_queues(self) -> set[str]:
+        return self.queues.copy()
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        """Store ``message`` so that a worker runs it.
+
+        Args:
+            message: The message.
+            delay: Milliseconds to wait before the message may run; the
+                message then goes to the ``X.DQ`` queue with an ``eta``.
+
+        Returns:
+            The message as stored (the ``.DQ`` copy when delayed).
+
+        Raises:
+            dramatiq.errors.ConnectionClosed: The database stayed unreachable
+                through :data:`ENQUEUE_ATTEMPTS` attempts.
+        """
+        return self.enqueue_many([message], delay=delay)[0]
+
+    def enqueue_many(
+        self, messages: Iterable[Message[Any]], *, delay: int | None = None
+    ) -> list[Message[Any]]:
+        """Store many messages in one transaction with one wake-up per queue.
+
+        Runs the ``before_enqueue`` hooks for every message and encodes them
+        all before writing anything, so an invalid message (or a middleware
+        that refuses one) means none is stored.  ``after_enqueue`` runs per
+        message once they are written.
+
+        Args:
+            messages: The messages.
+            delay: Milliseconds to delay every message by (see :meth:`enqueue`).
+
+        Returns:
+            The messages as stored, in order.
+        """
+        stored: list[Message[Any]] = []
+        rows: list[dict[str, Any]] = []
+        for message in messages:
+            if delay is not None:
+                message = message.copy(
+                    queue_name=dq_name(message.queue_name),
+                    options={"eta": current_millis() + delay},
+                )
+            self.emit_before("enqueue", message, delay)
+            stored.append(message)
+        for message in stored:
+            options = message.options
+            retries = options.get("retries", 0)
+            traceback = options.get("traceback")
+            rows.append(
+                {
+                    "message_id": message.message_id,
+                    "queue_name": message.queue_name,
+                    "actor_name": message.actor_name,
+                    "retries": retries if isinstance(retries, int) else 0,
+                    "last_error": traceback if isinstance(traceback, str) else None,
+                    "data": message.encode(),
+                    "delay_ms": max(int(delay or 0), 0),
+                }
+            )
+        if rows:
+            self._write_with_retry(rows)
+        for message in stored:
+            self.emit_after("enqueue", message, delay)
+        return stored
+
+    def _write_with_retry(self, rows: list[dict[str, Any]]) -> None:
+        queues = sorted({row["queue_name"] for row in rows})
+        attempt = 0
+        while True:
+            try:
+                with transaction(self.engine) as conn:
+                    conn.execute(self._insert, rows)
+                    self._notify_on(conn, queues)
+                return
+            except sa.exc.DBAPIError as exc:
+                attempt += 1
+                transient = _is_transient(self.engine, exc)
+                if not transient:
+                    raise
+                # Inside atomic() the caller's transaction is gone; only they can retry.
+                if ambient_connection(self.engine) is not None or attempt >= ENQUEUE_ATTEMPTS:
+                    raise _closed(exc) from exc
+                self.logger.warning("enqueue failed (%s), retrying (attempt %d)", exc, attempt)
+                time.sleep(min(0.1 * 2**attempt, 3.0) * random.uniform(0.5, 1.0))
+
+    def _notify_on(self, conn: Connection, queues: Sequence[str], *, local: bool = True) -> None:
+        """Wake consumers of ``queues`` once the transaction on ``conn`` commits.
+
+        ``local=False`` is for transactions not opened by :func:`transaction`,
+        whose commit hooks never run; the caller then wakes this process itself.
+        """
+        if self.is_postgres:
+            # Postgres folds identical notifications of one transaction into one,
+            # but each pg_notify() is still a round trip: skip repeats.
+            txn = conn.get_transaction()
+            seen: tuple[Any, set[str]] | None = conn.info.get("botkit_notified")
+            if seen is None or seen[0] is not txn or conn.in_nested_transaction():
+                seen = (txn, set())
+                conn.info["botkit_notified"] = seen
+            for queue in queues:
+                if queue not in seen[1]:
+                    conn.execute(self._notify, {"queue": queue})
+                    seen[1].add(queue)
+        if local:
+            on_commit(conn, lambda: self._wake(queues))
+
+    def flush(self, queue_name: str) -> None:
+        """Delete every message of ``queue_name`` and its delay queue, dead ones included."""
+        names = [q_name(queue_name), dq_name(queue_name)]
+        with transaction(self.engine) as conn:
+            conn.execute(self.messages.delete().where(self.messages.c.queue_name.in_(names)))
+
+    def flush_all(self) -> None:
+        """Delete every message of every declared queue."""
+        for queue_name in self.get_declared_queues():
+            self.flush(queue_name)
+
+    def join(self, queue_name: str, *, timeout: int | None = None) -> None:
+        """Wait until ``queue_name`` and its delay queue hold no queued or unacked message.
+
+        Dead letters do not count.  Meant for tests.
+
+        Args:
+            queue_name: The queue.
+            timeout: Milliseconds to wait at most; ``None`` waits forever.
+
+        Raises:
+            QueueJoinTimeout: The timeout elapsed first.
+        """
+        m = self.messages
+        names = [q_name(queue_name), dq_name(queue_name)]
+        count = (
+            sa.select(sa.func.count())
+            .select_from(m)
+            .where(m.c.queue_name.in_(names), m.c.state.in_(("queued", "consumed")))
+        )
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        while True:
+            with transaction(self.engine, read_only=True) as conn:
+                pending = conn.execute(count).scalar_one()
+            if pending == 0:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise QueueJoinTimeout(queue_name)  # type: ignore[no-untyped-call]
+            time.sleep(0.02)
+
+    # -- dead letters --------------------------------------------------------
+
+    def dead_letters(self, queue_name: str) -> list[Message[Any]]:
+        """The decodable dead letters of ``queue_name`` (and its delay queue), oldest first.
+
+        Their ``options`` carry the final ``traceback`` and ``retries``.
+        """
+        m = self.messages
+        names = [q_name(queue_name), dq_name(queue_name)]
+        query = (
+            sa.select(m.c.data)
+            .where(m.c.queue_name.in_(names), m.c.state == "dead")
+            .order_by(m.c.dead_at, m.c.id)
+        )
+        result = []
+        with transaction(self.engine, read_only=True) as conn:
+            for (data,) in conn.execute(query):
+                try:
+                    result.append(Message.decode(bytes(data)))
+                except dramatiq.errors.DecodeError:
+                    continue
+        return result
+
+    def requeue_dead(self, queue_name: str, *, message_ids: Iterable[str] | None = None) -> int:
+        """Move dead letters of ``queue_name`` back to the queue with retries reset.
+
+        Args:
+            queue_name: The queue whose dead letters (including those of its
+                delay queue) are requeued.
+            message_ids: Only these messages; ``None`` means all.
+
+        Returns:
+            How many messages were requeued.  Undecodable rows stay dead.
+        """
+        m = self.messages
+        canonical = q_name(queue_name)
+        query = sa.select(m.c.id, m.c.data).where(
+            m.c.queue_name.in_([canonical, dq_name(canonical)]), m.c.state == "dead"
+        )
+        if message_ids is not None:
+            query = query.where(m.c.message_id.in_(list(message_ids)))
+        update = (
+            m.update()
+            .where(m.c.id == sa.bindparam("row_id"), m.c.state == "dead")
+            .values(
+                state="queued",
+                queue_name=canonical,
+                available_at=self._now,
+                dead_at=None,
+                worker_id=None,
+                retries=0,
+                last_error=None,
+                data=sa.bindparam("new_data"),
+            )
+        )
+        with transaction(self.engine) as conn:
+            params = []
+            for row_id, data in conn.execute(query).all():
+                try:
+                    message = Message.decode(bytes(data))
+                except dramatiq.errors.DecodeError:
+                    continue
+                options = {
+                    k: v for k, v in message.options.items() if k not in ("eta", "traceback")
+                }
+                options["retries"] = 0
+                fresh: Message[Any] = Message(
+                    queue_name=canonical,
+                    actor_name=message.actor_name,
+                    args=message.args,
+                    kwargs=message.kwargs,
+                    options=options,
+                    message_id=message.message_id,
+                    message_timestamp=message.message_timestamp,
+                )
+                params.append({"row_id": row_id, "new_data": fresh.encode()})
+            if params:
+                conn.execute(update, params)
+                self._notify_on(conn, [canonical])
+        return len(params)
+
+    # -- wake-ups ----------------------------------------------------------------
+
+    def _ensure_listener(self) -> None:
+        from ._listen import PgListener
+
+        with self._lock:
+            listener = self._listener
+            if listener is not None and listener.pid != os.getpid():
+                # Inherited across fork(): the thread is gone and the socket is
+                # the parent's.  Keep a reference so it is never closed here.
+                self._inherited.append(listener)
+                listener = self._listener = None
+            if listener is None:
+                listener = PgListener(self.engine, self.channel, self._wake_one, self._wake_all)
+                self._listener = listener
+                listener.start()
+
+    def _subscribe(self, consumer: _SqlConsumer) -> None:
+        with self._lock:
+            self._waiters.setdefault(consumer.queue_name, set()).add(consumer)
+
+    def _unsubscribe(self, consumer: _SqlConsumer) -> None:
+        with self._lock:
+            self._waiters.get(consumer.queue_name, set()).discard(consumer)
+
+    def _wake(self, queues: Iterable[str]) -> None:
+        for queue in queues:
+            self._wake_one(queue)
+
+    def _wake_one(self, queue: str) -> None:
+        for consumer in list(self._waiters.get(queue, ())):
+            consumer.wake()
+
+    def _wake_all(self) -> None:
+        for queue in list(self._waiters):
+            self._wake_one(queue)
+
+    # -- grouped acks ---------------------------------------------------------------
+
+    def _add_ack(self, row_id: int) -> None:
+        with self._lock:
+            if not self._acks:
+                self._acks_since = time.monotonic()
+            self._acks.append(row_id)
+            orphan = not any(self._waiters.values())
+        if orphan:
+            # No consumer left to flush it (e.g. an ack after shutdown began).
+            with self.engine.begin() as conn:
+                self._flush_acks(conn)
+
+    def _acks_due(self, now: float) -> bool:
+        return bool(self._acks) and now - self._acks_since >= ACK_DELAY
+
+    def _flush_acks(self, conn: Connection) -> Callable[[], None]:
+        """DELETE the pending acks on ``conn`` (in its transaction).
+
+        Returns a function that puts the ids back; call it if the transaction
+        fails so that no ack is lost.
+        """
+        with self._lock:
+            ids, self._acks = self._acks, []
+        for chunk in _chunks(ids):
+            conn.execute(self._delete, {"ids": chunk})
+
+        def restore() -> None:
+            with self._lock:
+                if not self._acks:
+                    self._acks_since = time.monotonic()
+                self._acks.extend(ids)
+
+        return restore
+
+    # -- maintenance ---------------------------------------------------------------
+
+    def _maintenance_interval(self) -> float:
+        return self.heartbeat_timeout / 4
+
+    def _maintenance_due(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_maintenance:
+                return False
+            jitter = random.uniform(0.75, 1.25)
+            self._next_maintenance = now + self._maintenance_interval() * jitter
+            return True
+
+    def _maintain(self, conn: Connection) -> None:
+        """Hand back rows of consumers whose heartbeat lapsed; purge old dead letters."""
+        m, w = self.messages, self.workers
+        with conn.begin():
+            if self.is_postgres:
+                locked = conn.execute(
+                    sa.select(sa.func.pg_try_advisory_xact_lock(self._lock_key))
+                ).scalar()
+                if not locked:
+                    return
+            cutoff = self._now - int(self.heartbeat_timeout * 1000)
+            live = sa.select(w.c.worker_id).where(w.c.heartbeat_at >= cutoff)
+            requeued = (
+                conn.execute(
+                    m.update()
+                    .where(
+                        m.c.state == "consumed",
+                        sa.or_(m.c.worker_id.is_(None), m.c.worker_id.not_in(live)),
+                    )
+                    .values(state="queued", worker_id=None, consumed_at=None)
+                    .returning(m.c.queue_name)
+                )
+                .scalars()
+                .all()
+            )
+            conn.execute(w.delete().where(w.c.heartbeat_at < cutoff))
+            conn.execute(
+                m.delete().where(
+                    m.c.state == "dead",
+                    m.c.dead_at < self._now - int(self.dead_message_ttl * 1000),
+                )
+            )
+            if requeued:
+                self.logger.warning(
+                    "Handed %d message(s) of unresponsive workers back to their queues.",
+                    len(requeued),
+                )
+                self._notify_on(conn, sorted(set(requeued)), local=False)
+        if requeued:
+            self._wake(set(requeued))
+
+
+class _SqlConsumer(Consumer):
+    """Claims batches of rows for one queue; see the module docstring."""
+
+    def __init__(self, broker: SqlBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        self.logger = get_logger(__name__, type(self))  # type: ignore[no-untyped-call]
+        self.broker = broker
+        self.queue_name = queue_name
+        self.prefetch = max(int(prefetch), 1)
+        self.timeout = timeout
+        self.worker_id = uuid.uuid4().hex
+        self._refill = max(1, self.prefetch // 2)
+        self._cache: deque[SqlMessageProxy] = deque()
+        self._unacked: set[int] = set()  # claimed rows not acked/nacked/requeued yet
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._notified = True  # poll once at start
+        self._next_poll = 0.0
+        self._coalesce_until: float | None = None
+        self._drained = False
+        self._next_heartbeat = 0.0
+        self._registered = False
+        self._closed = False
+        self._conn: Connection | None = None
+        broker._subscribe(self)
+
+    # Called from the listener thread, enqueuing threads and worker threads.
+    def wake(self) -> None:
+        self._notified = True
+        self._event.set()
+
+    def _connection(self) -> Connection:
+        # One connection per consumer, used only on the consumer thread: claims
+        # never join an ambient atomic() block and skip the pool's pre-ping.
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = self.broker.engine.connect()
+        return self._conn
+
+    def __next__(self) -> SqlMessageProxy | None:
+        try:
+            return self._next()
+        except sa.exc.DBAPIError as exc:
+            if _is_transient(self.broker.engine, exc):
+                raise _closed(exc) from exc
+            raise
+
+    def _next(self) -> SqlMessageProxy | None:
+        deadline = time.monotonic() + self.timeout / 1000
+        while True:
+            if self._cache:
+                return self._cache.popleft()
+            now = time.monotonic()
+            free = self.prefetch - len(self._unacked)
+            if free > 0 and self._should_claim(free, now):
+                if self._claim(min(free, MAX_CLAIM)):
+                    continue
+            elif now >= self._next_heartbeat or self.broker._acks_due(now):
+                self._flush()
+            if self.broker._maintenance_due():
+                self.broker._maintain(self._connection())
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            # Sleep until something can change the decision above; every
+            # condition is re-read from state afterwards, so clearing the
+            # event after the wait loses no wake-up.
+            wake_at = min(deadline, self._next_heartbeat)
+            if self.prefetch > len(self._unacked):
+                wake_at = min(wake_at, self._next_poll)
+                if self._coalesce_until is not None:
+                    wake_at = min(wake_at, self._coalesce_until)
+            if self.broker._acks:
+                wake_at = min(wake_at, self.broker._acks_since + ACK_DELAY)
+            self._event.wait(max(wake_at - now, 0.0))
+            self._event.clear()
+
+    def _should_claim(self, free: int, now: float) -> bool:
+        if self._notified or now >= self._next_poll:
+            return True
+        if self._drained:
+            return False  # nothing was left at the last claim; wait for a wake-up
+        if free >= self._refill:
+            return True
+        if self._coalesce_until is None:
+            # Only a few slots are free: wait briefly for more acks so that
+            # claims stay batched instead of one row per transaction.
+            self._coalesce_until = now + ACK_DELAY
+            return False
+        return now >= self._coalesce_until
+
+    def _claim(self, limit: int) -> bool:
+        """Flush acks, heartbeat if due, claim up to ``limit`` rows: one transaction."""
+        broker = self.broker
+        self._notified = False
+        self._event.clear()
+        self._coalesce_until = None
+        conn = self._connection()
+        now = time.monotonic()
+        restore: Callable[[], None] | None = None
+        try:
+            with conn.begin():
+                restore = broker._flush_acks(conn)
+                self._heartbeat(conn, now)
+                rows = list(
+                    conn.execute(
+                        broker._claim,
+                        {"queue": self.queue_name, "limit": limit, "worker": self.worker_id},
+                    )
+                )
+                due_in = None
+                if len(rows) < limit:
+                    due_in = conn.execute(broker._next_due, {"queue": self.queue_name}).scalar()
+        except BaseException:
+            if restore is not None:
+                restore()
+            raise
+        poll = broker.poll_interval
+        if due_in is not None:
+            poll = min(poll, max(due_in, 1) / 1000)
+        self._next_poll = time.monotonic() + poll
+        self._drained = len(rows) < limit
+        if not rows:
+            return False
+        rows.sort(key=lambda row: (row[1], row[0]))
+        bad: list[tuple[int, str]] = []
+        with self._lock:
+            for row_id, _available_at, data in rows:
+                self._unacked.add(row_id)
+                try:
+                    message = Message.decode(bytes(data))
+                except Exception as exc:
+                    bad.append((row_id, f"could not decode message: {exc!r}"[:2000]))
+                    continue
+                self._cache.append(SqlMessageProxy(message, row_id))
+        if bad:
+            self._dead_letter_undecodable(bad)
+        return True
+
+    def _heartbeat(self, conn: Connection, now: float) -> None:
+        if now < self._next_heartbeat:
+            return
+        conn.execute(
+            self.broker._heartbeat,
+            {"worker": self.worker_id, "pid": os.getpid(), "queues": self.queue_name},
+        )
+        self._registered = True
+        self._next_heartbeat = now + self.broker.heartbeat_timeout / 4
+
+    def _flush(self) -> None:
+        conn = self._connection()
+        restore: Callable[[], None] | None = None
+        try:
+            with conn.begin():
+                restore = self.broker._flush_acks(conn)
+                self._heartbeat(conn, time.monotonic())
+        except BaseException:
+            if restore is not None:
+                restore()
+            raise
+
+    def _dead_letter_undecodable(self, bad: list[tuple[int, str]]) -> None:
+        m = self.broker.messages
+        self.logger.error("Dead-lettering %d undecodable message(s): %s", len(bad), bad[0][1])
+        conn = self._connection()
+        with conn.begin():
+            conn.execute(
+                m.update()
+                .where(m.c.id == sa.bindparam("row_id"))
+                .values(
+                    state="dead",
+                    dead_at=self.broker._now,
+                    worker_id=None,
+                    last_error=sa.bindparam("error"),
+                ),
+                [{"row_id": row_id, "error": error} for row_id, error in bad],
+            )
+        with self._lock:
+            self._unacked.difference_update(row_id for row_id, _ in bad)
+
+    def _release(self, row_ids: Iterable[int]) -> None:
+        with self._lock:
+            before = self.prefetch - len(self._unacked)
+            self._unacked.difference_update(row_ids)
+            after = self.prefetch - len(self._unacked)
+        if before < self._refill <= after:
+            self._event.set()
+
+    # Called from worker threads.
+    def ack(self, message: MessageProxy) -> None:
+        """Mark ``message`` done; its row is deleted with the next grouped flush."""
+        row_id = getattr(message, "row_id", None)
+        if row_id is None:
+            return
+        self._release((row_id,))
+        self.broker._add_ack(row_id)
+
+    def nack(self, message: MessageProxy) -> None:
+        """Keep ``message`` as a dead letter, with its final options (traceback, retries)."""
+        row_id = getattr(message, "row_id", None)
+        if row_id is None:
+            return
+        m = self.broker.messages
+        options = message.options
+        retries = options.get("retries", 0)
+        traceback = options.get("traceback")
+        try:
+            with self.broker.engine.begin() as conn:
+                conn.execute(
+                    m.update()
+                    .where(m.c.id == row_id)
+                    .values(
+                        state="dead",
+                        dead_at=self.broker._now,
+                        worker_id=None,
+                        data=message._message.encode(),
+                        retries=retries if isinstance(retries, int) else 0,
+                        last_error=traceback if isinstance(traceback, str) else None,
+                    )
+                )
+        except sa.exc.DBAPIError as exc:
+            if _is_transient(self.broker.engine, exc):
+                raise _closed(exc) from exc
+            raise
+        self._release((row_id,))
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        """Put claimed but unprocessed messages back at their place in the queue."""
+        ids = [row_id for m in messages if (row_id := getattr(m, "row_id", None)) is not None]
+        if not ids:
+            return
+        self._requeue_ids(ids, self.broker.engine.begin)
+        self._release(ids)
+        self.broker._wake_one(self.queue_name)
+
+    def _requeue_ids(self, ids: list[int], begin: Callable[[], Any]) -> None:
+        m = self.broker.messages
+        try:
+            with begin() as conn:
+                for chunk in _chunks(ids):
+                    conn.execute(
+                        m.update()
+                        .where(m.c.id.in_(chunk), m.c.state == "consumed")
+                        .values(state="queued", worker_id=None, consumed_at=None)
+                    )
+                self.broker._notify_on(conn, [self.queue_name], local=False)
+        except sa.exc.DBAPIError as exc:
+            if _is_transient(self.broker.engine, exc):
+                raise _closed(exc) from exc
+            raise
+
+    def close(self) -> None:
+        """Flush acks, hand back messages claimed but never returned, release the connection.
+
+        If the database is unreachable the remaining rows come back through
+        heartbeat expiry, since this consumer's worker id stops heartbeating.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.broker._unsubscribe(self)
+        with self._lock:
+            cached = [proxy.row_id for proxy in self._cache]
+            self._cache.clear()
+        try:
+            conn = self._connection()
+            if cached:
+                self._requeue_ids(cached, conn.begin)
+                self._release(cached)
+            self._flush()
+            if not self._unacked and self._registered:
+                w = self.broker.workers
+                with conn.begin():
+                    conn.execute(w.delete().where(w.c.worker_id == self.worker_id))
+        except (sa.exc.DBAPIError, ConnectionClosed) as exc:
+            self.logger.warning("Could not close consumer of %r cleanly: %s", self.queue_name, exc)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
