@@ -39,14 +39,11 @@ if TYPE_CHECKING:
     from .net import Fetcher
 
 __all__ = [
-    # The facade
     "Federation",
     "Handler",
     "InboxContext",
-    "get_federation",
-
-    # Errors
     "MalformedActivityError",
+    "get_federation",
 ]
 
 #: A handler registered with :meth:`Federation.on`: called as ``handler(ctx, activity)``.
@@ -187,6 +184,13 @@ class Federation:
     def __repr__(self) -> str:
         return f"<Federation {self.actor_id}>"
 
+    def close(self) -> None:
+        """Close the HTTP client used for key and actor fetches; idempotent.
+
+        The key-value store and the broker were handed in, so they stay open.
+        """
+        self.fetcher.close()
+
     @property
     def private_key(self) -> RSAPrivateKey:
         """The local actor's RSA key, created once and kept in the key-value store."""
@@ -211,36 +215,22 @@ class Federation:
         """Deliver ``activity`` to each of ``inboxes``: one delivery job per distinct inbox.
 
         For replies to one actor, such as the ``Accept`` of a ``Follow``.  The
-        activity travels inline in the jobs (it is small); they are signed at
-        send time and retried like fan-out deliveries.
+        jobs sign at send time and retry like fan-out deliveries; they are not
+        skipped for hosts marked unavailable.
 
         Raises:
-            ValueError: when the activity has no string ``id`` or an inbox is not a string.
+            ValueError: the activity has no string ``id``.
+            TypeError: ``inboxes`` is a single string rather than an iterable of URLs.
         """
-        from .delivery import DELIVER_ACTOR_NAME
+        from .fanout import send
 
-        activity_id = activity.get("id") if isinstance(activity, dict) else None
-        if not isinstance(activity_id, str) or not activity_id:
-            raise ValueError(f"activity to send needs a string id: {activity!r:.200}")
-        if isinstance(inboxes, str):
-            raise TypeError("inboxes must be an iterable of URLs, not a single string")
-        distinct = list(dict.fromkeys(inboxes))
-        for inbox in distinct:
-            if not isinstance(inbox, str) or not inbox:
-                raise ValueError(f"inbox URL must be a non-empty string: {inbox!r}")
-        if not distinct:
-            return
-        deliver = self.broker.get_actor(DELIVER_ACTOR_NAME)
-        messages = [
-            deliver.message(self.username, activity_id, inbox, activity) for inbox in distinct
-        ]
-        enqueue_many = getattr(self.broker, "enqueue_many", None)
-        if enqueue_many is not None:
-            # One transaction for all of them on SqlBroker.
-            enqueue_many(messages)
-        else:
-            for message in messages:
-                self.broker.enqueue(message)
+        if isinstance(inboxes, (str, bytes)):
+            raise TypeError("inboxes must be an iterable of inbox URLs, not a single string")
+        urls = list(inboxes)
+        for url in urls:
+            if not isinstance(url, str) or not url:
+                raise ValueError(f"inbox URL must be a non-empty string: {url!r}")
+        send(self, activity, urls)
 
     @overload
     def on(self, activity_type: str) -> Callable[[Handler], Handler]: ...

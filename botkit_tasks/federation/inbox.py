@@ -381,14 +381,15 @@ def declare_inbox_actor(federation: Federation) -> dramatiq.Actor[..., None]:
     broker = federation.broker
     existing = broker.actors.get(INBOX_ACTOR_NAME)
     if existing is not None and getattr(existing.fn, "_botkit_broker", None) is broker:
-        return existing  # type: ignore[no-any-return]
+        return existing
 
     def botkit_inbox(username: str, activity: dict[str, Any], actor_id: str) -> None:
         from . import get_federation
 
         process_inbox_job(get_federation(broker, username), activity, actor_id)
 
-    botkit_inbox._botkit_broker = broker  # type: ignore[attr-defined]
+    # Marks the function as ours for this broker (see the check above).
+    setattr(botkit_inbox, "_botkit_broker", broker)  # noqa: B010
     wanted: dict[str, Any] = {
         "max_retries": INBOX_MAX_RETRIES,
         "min_backoff": INBOX_MIN_BACKOFF_MS,
@@ -397,13 +398,10 @@ def declare_inbox_actor(federation: Federation) -> dramatiq.Actor[..., None]:
     }
     # @actor refuses options that no middleware of this broker understands.
     options = {name: value for name, value in wanted.items() if name in broker.actor_options}
-    return dramatiq.actor(  # type: ignore[no-any-return]
-        botkit_inbox,
-        actor_name=INBOX_ACTOR_NAME,
-        queue_name=INBOX_QUEUE,
-        broker=broker,
-        **options,
-    )
+    inbox_actor: dramatiq.Actor[[str, dict[str, Any], str], None] = dramatiq.actor(
+        actor_name=INBOX_ACTOR_NAME, queue_name=INBOX_QUEUE, broker=broker, **options
+    )(botkit_inbox)
+    return inbox_actor
 
 
 def process_inbox_job(federation: Federation, activity: Any, actor_id: Any) -> None:
