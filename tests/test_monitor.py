@@ -41,9 +41,8 @@ def broker(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[dramatiq.B
         client.close()
         return
     pytest.importorskip("botkit_tasks.brokers.sql")
-    from botkit_tasks.brokers.sql import SqlBroker
-
     from botkit_tasks._sql import create_engine
+    from botkit_tasks.brokers.sql import SqlBroker
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/broker.sqlite3"
@@ -163,7 +162,6 @@ def test_exact_counts_retrying_dead_letters_and_repairs(broker: dramatiq.Broker)
         for message in held:
             if message is not to_kill:
                 consumer.ack(message)
-        assert _stats(broker, queue) == QueueStats(queue, 5, 3, 0, 0)
         # Take the five ready messages one by one, keeping the first as a victim
         seen: dict[str, Any] = {}
         victim = None

@@ -1,0 +1,1 @@
+"""Worker modules that ``benchmarks/broker.py`` starts with the ``dramatiq`` CLI."""

@@ -1,0 +1,557 @@
+"""Broker benchmark: SqlBroker (PostgreSQL, SQLite) against RedisBroker and dramatiq-postgres.
+
+One run, the same no-op actor, the same Dramatiq default middleware, the same
+``dramatiq <module> -p 2 -t 8`` workers for every broker:
+
+- **enqueue**: ``actor.send()`` one message at a time, and ``enqueue_many`` in
+  batches of 1,000 where the broker has it;
+- **drain**: 20,000 pre-enqueued messages, from starting the workers to the
+  queue being empty (worker boot included, as a deployment sees it);
+- **pickup latency** on an idle queue: one message at a time carries its send
+  time, the actor records when it ran (p50, p99);
+- **idle CPU** of the whole waiting ``dramatiq`` process tree (main process and
+  both worker processes), from ``/proc``, over 10 s;
+- **bloat**: the drain again after 200,000 messages have gone through the
+  same tables, compared with the fresh drain (SQL brokers; ``--bloat-all`` for
+  every broker).
+
+Then it prints the table, the ratios against RedisBroker and dramatiq-postgres,
+and checks the targets.  Every broker works under its own random table prefix,
+Redis namespace or schema, removed at the end.
+
+Usage::
+
+    .venv/bin/python benchmarks/broker.py                 # full run (~10 min)
+    .venv/bin/python benchmarks/broker.py --quick         # smaller counts (~3 min)
+    .venv/bin/python benchmarks/broker.py --only sql-pg,redis
+
+Services: ``BOTKIT_BENCH_DATABASE_URL`` (default: the test database) and
+``BOTKIT_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``).
+dramatiq-postgres is optional (``pip install dramatiq-postgres``; it is not a
+dependency of botkit-tasks); without it that column is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _broker_apps.app import make  # noqa: E402
+
+KINDS = ["sql-pg", "sql-sqlite", "redis", "dramatiq-postgres"]
+LABELS = {
+    "sql-pg": "SqlBroker-PostgreSQL",
+    "sql-sqlite": "SqlBroker-SQLite",
+    "redis": "RedisBroker",
+    "dramatiq-postgres": "dramatiq-postgres",
+}
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Sizes:
+    single: int = 5_000
+    many: int = 20_000
+    drain: int = 20_000
+    pings: int = 40
+    idle_seconds: float = 10.0
+    bloat: int = 200_000
+
+
+QUICK = Sizes(single=1_000, many=5_000, drain=5_000, pings=15, idle_seconds=5.0, bloat=30_000)
+
+
+@dataclass
+class Result:
+    kind: str
+    enqueue_one: float | None = None
+    enqueue_many: float | None = None
+    drain: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    idle_cpu: float | None = None
+    bloat_drain: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bloat_drop(self) -> float | None:
+        if self.drain is None or self.bloat_drain is None:
+            return None
+        return 1.0 - self.bloat_drain / self.drain
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# --- one broker under test ------------------------------------------------------
+
+
+class Target:
+    """A broker under test: its URL, namespace, queue, counting and cleanup."""
+
+    def __init__(self, kind: str, database_url: str, redis_url: str, workdir: Path) -> None:
+        self.kind = kind
+        self.queue = "bench"
+        tag = uuid.uuid4().hex[:8]
+        if kind == "sql-pg":
+            self.url, self.prefix = database_url, f"bench{tag}_"
+        elif kind == "sql-sqlite":
+            self.url, self.prefix = f"sqlite:///{workdir}/bench-{tag}.sqlite3", f"bench{tag}_"
+        elif kind == "redis":
+            self.url, self.prefix = redis_url, f"botkit-bench-{tag}"
+        else:
+            # dramatiq-postgres speaks plain libpq URLs and keeps its tables in a schema.
+            self.url = database_url.replace("postgresql+psycopg://", "postgresql://")
+            self.prefix = f"botkit_bench_{tag}"
+            self._init_dramatiq_postgres_schema()
+        self.latency_file = workdir / f"latency-{tag}.txt"
+        self.broker, self.noop, self.ping = make(kind, self.url, self.prefix, self.queue)
+        self._counter = self._make_counter()
+
+    def _init_dramatiq_postgres_schema(self) -> None:
+        import psycopg
+        from dramatiq_postgres.schema import init
+
+        with psycopg.connect(self.url) as conn, conn.cursor() as cur:
+            init(cur, schema=self.prefix)
+
+    def _make_counter(self) -> Callable[[], int]:
+        queues = (self.queue, f"{self.queue}.DQ")
+        if self.kind in ("sql-pg", "sql-sqlite"):
+            import sqlalchemy as sa
+
+            engine = self.broker.engine
+            table = sa.table(f"{self.prefix}messages", sa.column("queue_name"), sa.column("state"))
+            query = (
+                sa.select(sa.func.count())
+                .select_from(table)
+                .where(table.c.queue_name.in_(queues), table.c.state.in_(["queued", "consumed"]))
+            )
+
+            def count_sql() -> int:
+                with engine.connect() as conn:
+                    if engine.dialect.name == "sqlite":
+                        conn = conn.execution_options(sqlite_begin="DEFERRED")
+                    return int(conn.execute(query).scalar_one())
+
+            return count_sql
+        if self.kind == "redis":
+            client = self.broker.client
+            keys = [f"{self.prefix}:{q}.msgs" for q in queues]
+
+            def count_redis() -> int:
+                return sum(int(client.hlen(k)) for k in keys)
+
+            return count_redis
+        import psycopg
+
+        conn = psycopg.connect(self.url, autocommit=True)
+        sql = (
+            f'SELECT count(*) FROM "{self.prefix}".queue '
+            "WHERE queue_name = ANY(%s) AND state IN ('queued', 'consumed')"
+        )
+
+        def count_pg() -> int:
+            row = conn.execute(sql, (list(queues),)).fetchone()
+            return int(row[0]) if row else 0
+
+        return count_pg
+
+    def remaining(self) -> int:
+        return self._counter()
+
+    @property
+    def has_enqueue_many(self) -> bool:
+        return hasattr(self.broker, "enqueue_many")
+
+    def fill(self, n: int, batch: int = 1_000) -> None:
+        """Enqueue ``n`` no-op messages as fast as this broker allows (untimed)."""
+        if self.has_enqueue_many:
+            for start in range(0, n, batch):
+                size = min(batch, n - start)
+                self.broker.enqueue_many([self.noop.message() for _ in range(size)])
+        else:
+            for _ in range(n):
+                self.noop.send()
+
+    def empty(self) -> None:
+        """Drop every message of the benchmark queue."""
+        if self.kind == "dramatiq-postgres":
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(f'DELETE FROM "{self.prefix}".queue')
+        else:
+            self.broker.flush(self.queue)
+
+    def cleanup(self) -> None:
+        try:
+            self.broker.close()
+        except Exception as exc:
+            log(f"{self.kind}: close failed: {exc}")
+        if self.kind == "sql-pg":
+            import sqlalchemy as sa
+
+            from botkit_tasks._sql import create_engine
+
+            engine = create_engine(self.url)
+            with engine.begin() as conn:
+                rows = conn.execute(
+                    sa.text("SELECT tablename FROM pg_tables WHERE tablename LIKE :p"),
+                    {"p": self.prefix + "%"},
+                ).all()
+                for (name,) in rows:
+                    conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}" CASCADE'))
+            engine.dispose()
+        elif self.kind == "redis":
+            import redis
+
+            client = redis.Redis.from_url(self.url)
+            for key in client.scan_iter(match=f"{self.prefix}:*", count=1000):
+                client.delete(key)
+            client.close()
+        elif self.kind == "dramatiq-postgres":
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{self.prefix}" CASCADE')
+
+
+# --- worker processes -----------------------------------------------------------
+
+
+class Workers:
+    """``dramatiq _broker_apps.app -p 2 -t 8`` for one target, in its own session."""
+
+    def __init__(self, target: Target, processes: int, threads: int) -> None:
+        env = dict(os.environ)
+        env.update(
+            BENCH_KIND=target.kind,
+            BENCH_URL=target.url,
+            BENCH_PREFIX=target.prefix,
+            BENCH_QUEUE=target.queue,
+            BENCH_LATENCY_FILE=str(target.latency_file),
+            PYTHONUNBUFFERED="1",
+        )
+        dramatiq_bin = Path(sys.executable).with_name("dramatiq")
+        command = [
+            str(dramatiq_bin),
+            "--path",
+            str(HERE),
+            "-p",
+            str(processes),
+            "-t",
+            str(threads),
+            "_broker_apps.app",
+        ]
+        self.log_path = target.latency_file.with_suffix(".log")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def tree_pids(self) -> list[int]:
+        """This process and its descendants, from ``/proc``."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+        pids, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo.extend(children.get(pid, []))
+        return pids
+
+    @staticmethod
+    def cpu_seconds(pids: list[int]) -> float:
+        total = 0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+        return total / CLK_TCK
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # our own session only
+                self.proc.wait()
+        self._log.close()
+
+
+def wait_empty(target: Target, workers: Workers, timeout: float) -> float:
+    """Seconds from the workers' start until the queue is empty."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if target.remaining() == 0:
+            return time.perf_counter() - workers.started
+        if not workers.alive():
+            raise RuntimeError(f"workers exited; see {workers.log_path}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{target.kind}: queue not empty after {timeout:.0f} s")
+
+
+# --- measurements ---------------------------------------------------------------
+
+
+def measure_enqueue(target: Target, sizes: Sizes, result: Result) -> None:
+    started = time.perf_counter()
+    for _ in range(sizes.single):
+        target.noop.send()
+    result.enqueue_one = sizes.single / (time.perf_counter() - started)
+    if target.has_enqueue_many:
+        messages = [target.noop.message() for _ in range(sizes.many)]
+        started = time.perf_counter()
+        for start in range(0, sizes.many, 1_000):
+            target.broker.enqueue_many(messages[start : start + 1_000])
+        result.enqueue_many = sizes.many / (time.perf_counter() - started)
+    target.empty()
+
+
+def measure_latency(target: Target, sizes: Sizes, result: Result, workers: Workers) -> None:
+    target.latency_file.write_text("")
+    time.sleep(1.0)  # let every consumer fall idle
+    for i in range(sizes.pings):
+        target.ping.send(time.time())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if target.latency_file.read_text().count("\n") > i:
+                break
+            time.sleep(0.002)
+        else:
+            result.notes.append(f"ping {i} not received within 10 s")
+        time.sleep(random.uniform(0.05, 0.3))  # an idle queue between pings
+    samples = []
+    for line in target.latency_file.read_text().splitlines():
+        sent, received = map(float, line.split())
+        samples.append((received - sent) * 1000)
+    if samples:
+        samples.sort()
+        result.p50_ms = statistics.median(samples)
+        result.p99_ms = samples[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))]
+
+
+def measure_idle_cpu(sizes: Sizes, result: Result, workers: Workers) -> None:
+    time.sleep(1.0)
+    pids = workers.tree_pids()
+    before, t0 = Workers.cpu_seconds(pids), time.perf_counter()
+    time.sleep(sizes.idle_seconds)
+    after, t1 = Workers.cpu_seconds(pids), time.perf_counter()
+    result.idle_cpu = 100.0 * (after - before) / (t1 - t0)
+
+
+def drain(target: Target, n: int, args: argparse.Namespace) -> tuple[float, Workers]:
+    target.fill(n)
+    assert target.remaining() == n, f"{target.kind}: expected {n} queued"
+    workers = Workers(target, args.processes, args.threads)
+    seconds = wait_empty(target, workers, timeout=max(120.0, n / 100))
+    return n / seconds, workers
+
+
+def measure_bloat(target: Target, sizes: Sizes, result: Result, args: argparse.Namespace) -> None:
+    workers = Workers(target, args.processes, args.threads)
+    try:
+        # The bloat volume flows through while the workers run, as in production.
+        target.fill(sizes.bloat)
+        wait_empty(target, workers, timeout=max(300.0, sizes.bloat / 100))
+    finally:
+        workers.stop()
+    rate, workers = drain(target, sizes.drain, args)
+    workers.stop()
+    result.bloat_drain = rate
+
+
+def run_target(kind: str, args: argparse.Namespace, sizes: Sizes, workdir: Path) -> Result:
+    result = Result(kind)
+    log(f"{LABELS[kind]}: setting up")
+    target = Target(kind, args.database_url, args.redis_url, workdir)
+    try:
+        log(f"{LABELS[kind]}: enqueue")
+        measure_enqueue(target, sizes, result)
+        log(f"{LABELS[kind]}: drain of {sizes.drain:,}")
+        result.drain, workers = drain(target, sizes.drain, args)
+        try:
+            log(f"{LABELS[kind]}: idle pickup latency")
+            measure_latency(target, sizes, result, workers)
+            log(f"{LABELS[kind]}: idle CPU over {sizes.idle_seconds:.0f} s")
+            measure_idle_cpu(sizes, result, workers)
+        finally:
+            workers.stop()
+        if kind.startswith("sql-") or args.bloat_all:
+            log(f"{LABELS[kind]}: {sizes.bloat:,} messages through, then the drain again")
+            measure_bloat(target, sizes, result, args)
+    except Exception as exc:
+        result.notes.append(f"failed: {exc!r}")
+        log(f"{LABELS[kind]}: FAILED {exc!r}")
+    finally:
+        target.cleanup()
+    return result
+
+
+# --- report ---------------------------------------------------------------------
+
+
+def fmt(value: float | None, spec: str = ",.0f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+def report(results: dict[str, Result], sizes: Sizes) -> int:
+    header = (
+        f"{'broker':<22} {'enqueue/s':>10} {'enq_many/s':>11} {'drain/s':>9} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'idle CPU':>9} {'drain/s':>9} {'drop':>7}"
+    )
+    print()
+    print(
+        f"drain: {sizes.drain:,} no-op messages, dramatiq -p 2 -t 8, worker boot included; "
+        f"bloat columns: after {sizes.bloat:,} messages went through"
+    )
+    print(header)
+    print(
+        f"{'':<22} {'':>10} {'':>11} {'(fresh)':>9} {'':>8} {'':>8} {'(tree)':>9} "
+        f"{'(bloat)':>9} {'':>7}"
+    )
+    print("-" * len(header))
+    for kind, r in results.items():
+        drop = r.bloat_drop
+        cpu = "—" if r.idle_cpu is None else f"{r.idle_cpu:.2f}%"
+        drop_text = "—" if drop is None else f"{100 * drop:.1f}%"
+        print(
+            f"{LABELS[kind]:<22} {fmt(r.enqueue_one):>10} {fmt(r.enqueue_many):>11} "
+            f"{fmt(r.drain):>9} {fmt(r.p50_ms, '.1f'):>8} {fmt(r.p99_ms, '.1f'):>8} "
+            f"{cpu:>9} {fmt(r.bloat_drain):>9} {drop_text:>7}"
+        )
+        for note in r.notes:
+            print(f"    note: {note}")
+    redis, dpg = results.get("redis"), results.get("dramatiq-postgres")
+    print()
+    for kind in ("sql-pg", "sql-sqlite"):
+        r = results.get(kind)
+        if r is None:
+            continue
+        print(
+            f"{LABELS[kind]}: drain {ratio(r.drain, redis and redis.drain)} RedisBroker, "
+            f"{ratio(r.drain, dpg and dpg.drain)} dramatiq-postgres; "
+            f"enqueue {ratio(r.enqueue_one, redis and redis.enqueue_one)} RedisBroker, "
+            f"{ratio(r.enqueue_one, dpg and dpg.enqueue_one)} dramatiq-postgres"
+        )
+    pg = results.get("sql-pg")
+    failures = 0
+    if pg is not None:
+        print("\ntargets (SqlBroker-PostgreSQL):")
+        checks: list[tuple[str, bool | None]] = [
+            (
+                "drain >= 1.0x RedisBroker",
+                None
+                if redis is None or None in (pg.drain, redis.drain)
+                else pg.drain >= redis.drain,  # type: ignore[operator]
+            ),
+            (
+                "drain >= 2x dramatiq-postgres",
+                None if dpg is None or None in (pg.drain, dpg.drain) else pg.drain >= 2 * dpg.drain,  # type: ignore[operator]
+            ),
+            (
+                "enqueue_many >= 20,000 msg/s",
+                None if pg.enqueue_many is None else pg.enqueue_many >= 20_000,
+            ),
+            ("idle pickup p50 <= 10 ms", None if pg.p50_ms is None else pg.p50_ms <= 10),
+            ("idle worker tree < 2% CPU", None if pg.idle_cpu is None else pg.idle_cpu < 2),
+            (
+                "<= 20% drain drop after bloat",
+                None if pg.bloat_drop is None else pg.bloat_drop <= 0.20,
+            ),
+        ]
+        for name, ok in checks:
+            status = "n/a " if ok is None else ("PASS" if ok else "FAIL")
+            failures += ok is False
+            print(f"  [{status}] {name}")
+    print(
+        "\nNote: client, workers and servers share this machine's cores; numbers taken while "
+        "other work runs are noisy. Rerun for a median."
+    )
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts (about 3 minutes)")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(KINDS)}")
+    parser.add_argument("--bloat-all", action="store_true", help="bloat run for every broker")
+    parser.add_argument("--bloat", type=int, help="messages to push through before re-draining")
+    parser.add_argument("--drain", type=int, help="messages in each drain")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BOTKIT_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL),
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("BOTKIT_BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+    )
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else Sizes()
+    if args.bloat is not None:
+        sizes.bloat = args.bloat
+    if args.drain is not None:
+        sizes.drain = args.drain
+    kinds = [k.strip() for k in args.only.split(",") if k.strip()] or list(KINDS)
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown broker(s) {sorted(unknown)}; choose from {KINDS}")
+    if "dramatiq-postgres" in kinds and importlib.util.find_spec("dramatiq_postgres") is None:
+        print(
+            "dramatiq-postgres is not installed: skipping its column "
+            "(pip install dramatiq-postgres to include it)",
+            file=sys.stderr,
+        )
+        kinds.remove("dramatiq-postgres")
+    workdir = Path(tempfile.mkdtemp(prefix="botkit-bench-"))
+    results: dict[str, Result] = {}
+    try:
+        for kind in kinds:
+            results[kind] = run_target(kind, args, sizes, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report(results, sizes)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
