@@ -132,7 +132,10 @@ class MemoryKvStore:
         while iterating never cause an entry that exists throughout to be
         skipped or repeated.
         """
-        low = pack_prefix(prefix)
+        low = pack_prefix(prefix)  # validated now, not at the first next()
+        return self._iter(low)
+
+    def _iter(self, low: bytes) -> Iterator[tuple[KvKey, JsonValue]]:
         high = prefix_upper_bound(low)
         inclusive = True
         while True:

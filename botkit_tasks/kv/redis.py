@@ -187,8 +187,11 @@ class RedisKvStore:
         sorted, and their values fetched in ``MGET`` batches as the iterator
         advances; an entry deleted meanwhile is skipped.
         """
-        start = self.key_prefix + pack_prefix(prefix)
+        start = self.key_prefix + pack_prefix(prefix)  # validated now, not at next()
         self._check_open()
+        return self._iter(start)
+
+    def _iter(self, start: bytes) -> Iterator[tuple[KvKey, JsonValue]]:
         strip = len(self.key_prefix)
         names: set[bytes] = set()
         try:

@@ -1,0 +1,846 @@
+"""Key-value store conformance: one body of tests, run against every backend.
+
+Each test takes the ``kv`` fixture, parametrized over ``memory``, ``sqlite``
+(a temporary file), ``postgres`` and ``redis`` (real services from the conftest
+fixtures, isolated by a random table name / key prefix that is removed
+afterwards).  The semantics checked are those of DESIGN §1 and ``docs/kv.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import kv_race_worker
+import pytest
+import redis
+import sqlalchemy as sa
+from conftest import unique_name
+
+from botkit_tasks import StoreError, atomic
+from botkit_tasks._sql import create_engine
+from botkit_tasks.kv import KvStore, MemoryKvStore, RedisKvStore, SqlKvStore
+
+BACKENDS = ["memory", "sqlite", "postgres", "redis"]
+
+
+@dataclass
+class Backend:
+    name: str
+    store: KvStore
+    #: Another store on the same data (the same object for memory).
+    reopen: Callable[[], KvStore]
+    #: How a child process opens the same data; None for memory.
+    spec: tuple[str, str, str] | None
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    name = request.param
+    if name == "memory":
+        store = MemoryKvStore()
+        yield Backend(name, store, lambda: store, None)
+        store.close()
+    elif name in ("sqlite", "postgres"):
+        url = request.getfixturevalue("sqlite_url" if name == "sqlite" else "database_url")
+        table = unique_name("kv_")
+        engine = create_engine(url)
+        # Stores built on this engine share it; the test's store is on a URL of its own.
+        sql_store = SqlKvStore(url, table_name=table)
+        yield Backend(
+            name,
+            sql_store,
+            lambda: SqlKvStore(engine, table_name=table),
+            (name, url, table),
+        )
+        sql_store.close()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}"')
+        engine.dispose()
+    else:
+        url = request.getfixturevalue("redis_url")
+        prefix = unique_name("botkit-test:") + ":"
+        # The main store gets a shared client that decodes responses, the
+        # harder case; reopened ones own bytes clients.
+        client = redis.Redis.from_url(url, decode_responses=True)
+        redis_store = RedisKvStore(client, key_prefix=prefix)
+        yield Backend(
+            name,
+            redis_store,
+            lambda: RedisKvStore(url, key_prefix=prefix),
+            (name, url, prefix),
+        )
+        redis_store.close()
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            client.delete(key)
+        client.close()
+
+
+@pytest.fixture
+def kv(backend: Backend) -> KvStore:
+    return backend.store
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality with JSON types: True is not 1, 1 is not 1.0."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and math.copysign(1, a) != math.copysign(1, b):
+        return False
+    return bool(a == b)
+
+
+def wait_past(seconds: float) -> None:
+    time.sleep(seconds + 0.05)
+
+
+# -- values -------------------------------------------------------------------
+
+ROUND_TRIP_VALUES: list[Any] = [
+    0,
+    -1,
+    2**200,
+    -(2**70),
+    1.5,
+    0.1,
+    1e300,
+    -1e-300,
+    -0.0,
+    1.0,
+    "",
+    "héllo ✓ 😀 \U0010ffff",
+    "\x01 \t \n \\ \" ' %_*?[]",
+    True,
+    False,
+    [],
+    {},
+    [1, "a", None, [True, 2.5]],
+    {"a": None},
+    {"nested": {"x": [1, {"y": 2.5}], "z": "é"}, "b": [], "a": {}},
+    {"": "empty key", "é": 1, "😀": 2},
+    ["x" * 10_000],
+]
+
+
+def test_values_round_trip_with_their_json_types(kv: KvStore) -> None:
+    # Given every kind of JSON value stored under its own key
+    for i, value in enumerate(ROUND_TRIP_VALUES):
+        kv.set(("values", str(i)), value)
+    # Then get() and list() return each with the same JSON types
+    for i, value in enumerate(ROUND_TRIP_VALUES):
+        got = kv.get(("values", str(i)))
+        assert same(got, value), (value, got)
+    listed = dict(kv.list(("values",)))
+    assert len(listed) == len(ROUND_TRIP_VALUES)
+    for i, value in enumerate(ROUND_TRIP_VALUES):
+        assert same(listed[("values", str(i))], value)
+
+
+def test_missing_stored_overwritten_and_deleted(kv: KvStore) -> None:
+    key = ("users", "alice")
+    assert kv.get(key) is None
+    kv.set(key, {"n": 1})
+    assert kv.get(key) == {"n": 1}
+    kv.set(key, [2])
+    assert kv.get(key) == [2]
+    # A list key is the same key as the tuple
+    assert kv.get(["users", "alice"]) == [2]
+    kv.delete(key)
+    assert kv.get(key) is None
+    # Deleting what is not there is not an error
+    kv.delete(key)
+    kv.delete(("never", "there"))
+    assert list(kv.list()) == []
+
+
+def test_values_are_copied_in_and_out(kv: KvStore) -> None:
+    value: dict[str, Any] = {"a": [1]}
+    kv.set(("k",), value)
+    value["a"].append(2)
+    got = kv.get(("k",))
+    assert got == {"a": [1]}
+    assert isinstance(got, dict)
+    got["a"].append(3)
+    assert kv.get(("k",)) == {"a": [1]}
+    (_, listed), *_ = kv.list()
+    assert isinstance(listed, dict)
+    listed["b"] = 1
+    assert kv.get(("k",)) == {"a": [1]}
+
+
+def test_stores_on_the_same_data_see_each_other(backend: Backend) -> None:
+    backend.store.set(("shared",), 1)
+    other = backend.reopen()
+    try:
+        assert other.get(("shared",)) == 1
+        other.set(("shared",), 2)
+        assert backend.store.get(("shared",)) == 2
+    finally:
+        if other is not backend.store:
+            other.close()
+
+
+# -- TTL ----------------------------------------------------------------------
+
+
+def test_ttl_zero_expires_at_once(kv: KvStore) -> None:
+    kv.set(("k",), 1, ttl=0)
+    kv.set(("k2",), 1, ttl=timedelta(0))
+    # Under half a millisecond rounds to zero
+    kv.set(("k3",), 1, ttl=0.0004)
+    assert kv.get(("k",)) is None
+    assert kv.get(("k2",)) is None
+    assert kv.get(("k3",)) is None
+    assert list(kv.list()) == []
+    # ttl=0 on an existing key removes it
+    kv.set(("k",), 1)
+    kv.set(("k",), 2, ttl=0)
+    assert kv.get(("k",)) is None
+
+
+def test_millisecond_ttl_expires(kv: KvStore) -> None:
+    kv.set(("short",), "v", ttl=0.25)
+    kv.set(("long",), "v", ttl=3600)
+    kv.set(("longer",), "v", ttl=timedelta(days=365))
+    assert kv.get(("short",)) == "v"
+    wait_past(0.25)
+    # Then the short one is invisible to get, list and cas; the long ones stay
+    assert kv.get(("short",)) is None
+    assert [k for k, _ in kv.list()] == [("long",), ("longer",)]
+    assert kv.cas(("short",), "v", "w") is False
+    assert kv.get(("long",)) == "v"
+    assert kv.get(("longer",)) == "v"
+
+
+def test_reset_restarts_the_clock_and_no_ttl_clears_it(kv: KvStore) -> None:
+    kv.set(("refreshed",), 1, ttl=0.4)
+    kv.set(("cleared",), 1, ttl=0.4)
+    time.sleep(0.25)
+    # Re-set with a new TTL restarts the clock; without a TTL, removes the expiry
+    kv.set(("refreshed",), 2, ttl=0.4)
+    kv.set(("cleared",), 2)
+    time.sleep(0.25)
+    # 0.5 s after the first set: both would have expired without the re-set
+    assert kv.get(("refreshed",)) == 2
+    assert kv.get(("cleared",)) == 2
+    wait_past(0.4)
+    assert kv.get(("refreshed",)) is None
+    assert kv.get(("cleared",)) == 2
+
+
+# -- cas ----------------------------------------------------------------------
+
+
+def test_cas_create_if_absent(kv: KvStore) -> None:
+    assert kv.cas(("lock",), None, "me") is True
+    assert kv.cas(("lock",), None, "you") is False
+    assert kv.get(("lock",)) == "me"
+
+
+def test_cas_swaps_only_on_a_match(kv: KvStore) -> None:
+    kv.set(("k",), {"v": 1})
+    assert kv.cas(("k",), {"v": 2}, {"v": 3}) is False
+    assert kv.cas(("k",), None, {"v": 3}) is False
+    assert kv.get(("k",)) == {"v": 1}
+    assert kv.cas(("k",), {"v": 1}, {"v": 2}) is True
+    assert kv.get(("k",)) == {"v": 2}
+    # A missing key never matches a value
+    assert kv.cas(("missing",), {"v": 2}, 1) is False
+    assert kv.get(("missing",)) is None
+
+
+def test_cas_equality_is_structural_json_equality(kv: KvStore) -> None:
+    # Dict key order does not matter
+    kv.set(("d",), {"a": 1, "b": [1, {"x": None, "y": 2}]})
+    assert kv.cas(("d",), {"b": [1, {"y": 2, "x": None}], "a": 1}, "swapped") is True
+    assert kv.get(("d",)) == "swapped"
+    # List order does
+    kv.set(("l",), [1, 2])
+    assert kv.cas(("l",), [2, 1], "x") is False
+    # JSON types count: true is not 1, 1 is not 1.0
+    kv.set(("t",), True)
+    assert kv.cas(("t",), 1, "x") is False
+    assert kv.cas(("t",), True, "x") is True
+    kv.set(("i",), 1)
+    assert kv.cas(("i",), True, "x") is False
+    assert kv.cas(("i",), 1.0, "x") is False
+    assert kv.get(("i",)) == 1
+    assert kv.cas(("i",), 1, "x") is True
+
+
+def test_cas_treats_expired_as_absent(kv: KvStore) -> None:
+    kv.set(("k",), "old", ttl=0.1)
+    assert kv.cas(("k",), None, "new") is False
+    wait_past(0.1)
+    assert kv.cas(("k",), "old", "x") is False
+    assert kv.cas(("k",), None, "new") is True
+    assert kv.get(("k",)) == "new"
+
+
+def test_cas_new_none_deletes_on_match(kv: KvStore) -> None:
+    kv.set(("k",), [1])
+    assert kv.cas(("k",), [2], None) is False
+    assert kv.get(("k",)) == [1]
+    assert kv.cas(("k",), [1], None) is True
+    assert kv.get(("k",)) is None
+    assert list(kv.list()) == []
+
+
+def test_cas_none_none(kv: KvStore) -> None:
+    # On a missing key: "absent -> absent" holds
+    assert kv.cas(("k",), None, None) is True
+    assert kv.get(("k",)) is None
+    # On a live key it does not, and nothing changes
+    kv.set(("k",), 1)
+    assert kv.cas(("k",), None, None) is False
+    assert kv.get(("k",)) == 1
+
+
+def test_cas_ttl(kv: KvStore) -> None:
+    # ttl=0: the swap happens and leaves nothing
+    kv.set(("k",), 1)
+    assert kv.cas(("k",), 1, 2, ttl=0) is True
+    assert kv.get(("k",)) is None
+    assert kv.cas(("k",), None, 2, ttl=0) is True
+    assert kv.get(("k",)) is None
+    assert kv.cas(("k",), 5, 2, ttl=0) is False
+    # A TTL applies to the new value
+    assert kv.cas(("k",), None, "v", ttl=0.2) is True
+    assert kv.get(("k",)) == "v"
+    assert kv.cas(("k",), "v", "w", ttl=timedelta(milliseconds=200)) is True
+    wait_past(0.2)
+    assert kv.get(("k",)) is None
+    # Without a TTL the swapped value does not expire
+    kv.set(("p",), "a", ttl=0.2)
+    assert kv.cas(("p",), "a", "b") is True
+    wait_past(0.2)
+    assert kv.get(("p",)) == "b"
+
+
+def test_threads_racing_create_if_absent_have_one_winner(backend: Backend) -> None:
+    racers = 8
+    stores = [backend.store if i % 2 else backend.reopen() for i in range(racers)]
+    barrier = threading.Barrier(racers)
+    results: list[bool] = [False] * racers
+
+    def race(i: int) -> None:
+        barrier.wait(timeout=30)
+        results[i] = stores[i].cas(("race",), None, f"racer-{i}")
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert results.count(True) == 1
+        assert backend.store.get(("race",)) == f"racer-{results.index(True)}"
+    finally:
+        for s in stores:
+            if s is not backend.store:
+                s.close()
+
+
+def test_threads_incrementing_with_cas_lose_no_update(backend: Backend) -> None:
+    backend.store.set(("counter",), 0)
+    threads, times = 4, 25
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            kv_race_worker_increment(backend.store, times, barrier)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(90)
+    assert errors == []
+    assert backend.store.get(("counter",)) == threads * times
+
+
+def kv_race_worker_increment(store: KvStore, times: int, barrier: threading.Barrier) -> None:
+    barrier.wait(timeout=30)
+    for _ in range(times):
+        while True:
+            current = store.get(("counter",))
+            assert isinstance(current, int)
+            if store.cas(("counter",), current, current + 1):
+                break
+
+
+def test_processes_racing_create_if_absent_have_one_winner(backend: Backend) -> None:
+    if backend.spec is None:
+        pytest.skip("MemoryKvStore is private to one process")
+    # The table does not exist yet: the processes also race to create it.
+    racers = 4
+    ctx = multiprocessing.get_context("spawn")
+
+    def run(target: Callable[..., None], args: Callable[[int], tuple[Any, ...]]) -> list[Any]:
+        barrier, results = ctx.Barrier(racers), ctx.Queue()
+        procs = [
+            ctx.Process(target=target, args=(*args(i), barrier, results)) for i in range(racers)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            return [results.get(timeout=90) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(30)
+
+    outcomes = dict(
+        run(
+            kv_race_worker.race_create,
+            lambda i: (backend.spec, ["race", "proc"], f"process-{i}"),
+        )
+    )
+    winners = [token for token, won in outcomes.items() if won is True]
+    assert len(winners) == 1, outcomes
+    assert all(won is False for token, won in outcomes.items() if token not in winners)
+    assert backend.store.get(("race", "proc")) == winners[0]
+    # And increments from several processes lose nothing
+    backend.store.set(["count"], 0)
+    retries = run(kv_race_worker.increment, lambda i: (backend.spec, ["count"], 10))
+    assert all(isinstance(r, int) for r in retries), retries
+    assert backend.store.get(("count",)) == racers * 10
+
+
+# -- list ---------------------------------------------------------------------
+
+
+def test_list_prefix_is_element_wise_and_includes_the_exact_key_once(kv: KvStore) -> None:
+    for key in [("p",), ("p", "a"), ("p", "b"), ("p", "n", "c"), ("pa",), ("q",), ("o", "p")]:
+        kv.set(key, "/".join(key))
+    assert [k for k, _ in kv.list(("p",))] == [("p",), ("p", "a"), ("p", "b"), ("p", "n", "c")]
+    assert list(kv.list(["p", "n"])) == [(("p", "n", "c"), "p/n/c")]
+    assert list(kv.list(("p", "a"))) == [(("p", "a"), "p/a")]
+    assert list(kv.list(("p", "z"))) == []
+    # ("a",) does not match ("ab",)
+    kv.set(("a",), 1)
+    kv.set(("ab",), 2)
+    assert list(kv.list(("a",))) == [(("a",), 1)]
+    # The empty prefix lists everything
+    assert len(list(kv.list())) == 9
+    assert len(list(kv.list([]))) == 9
+
+
+METACHARACTER_PARTS = [
+    "%", "_", "\\", "*", "?", "[", "]", ":", "/", '"', "", "a*", "[ab]", "x%y", "x_y",
+    "a", "ab", "b", "xzy", "\\*", "::", "é", "😀", "\uffff", "\x01", "'", " ", "a\x01",
+]  # fmt: skip
+
+
+def test_list_with_metacharacters_and_unicode_in_keys(kv: KvStore) -> None:
+    for part in METACHARACTER_PARTS:
+        kv.set((part,), part)
+        kv.set((part, "child"), part)
+        kv.set((part, part, part), part)
+    for part in METACHARACTER_PARTS:
+        # Then each prefix matches its own keys only, however the part looks
+        expected = sorted([((part,), part), ((part, part, part), part), ((part, "child"), part)])
+        assert list(kv.list((part,))) == expected, part
+        assert kv.get((part, part, part)) == part
+
+
+def test_list_orders_by_code_point_like_python_tuples(kv: KvStore) -> None:
+    keys = [(p,) for p in METACHARACTER_PARTS] + [
+        ("a", ""),
+        ("a", "b"),
+        ("a", "b", ""),
+        ("a\x01",),
+        ("\U0001f600",),
+        ("\U00010000",),
+        ("\ufb01",),
+        ("z",),
+        ("Z",),
+        ("é", "e"),
+        ("e",),
+    ]
+    shuffled = list(keys)
+    random.Random(7).shuffle(shuffled)
+    for key in shuffled:
+        kv.set(key, 0)
+    listed = [k for k, _ in kv.list()]
+    assert listed == sorted(set(keys))
+    # Astral characters after the whole BMP, unlike UTF-16 order
+    assert listed.index(("\uffff",)) < listed.index(("\U00010000",))
+
+
+def test_list_while_writing_yields_every_stable_entry_exactly_once(kv: KvStore) -> None:
+    total = 1100  # more than two pages of every paginated backend
+    for i in range(total):
+        kv.set(("it", f"{i:05d}"), i)
+    kv.set(("itx",), "outside")
+    seen: list[tuple[str, ...]] = []
+    for n, (key, _value) in enumerate(kv.list(("it",))):
+        seen.append(key)
+        # Meanwhile: delete odd entries (ahead of and behind the cursor) and add new ones
+        if n % 3 == 0:
+            victim = (n * 7) % total
+            if victim % 2:
+                kv.delete(("it", f"{victim:05d}"))
+            kv.set(("it", f"{victim:05d}", "new"), n)
+    stable = {("it", f"{i:05d}") for i in range(0, total, 2)}
+    assert len(seen) == len(set(seen)), "an entry was yielded twice"
+    assert stable <= set(seen), "a stable entry was skipped"
+    assert seen == sorted(seen)
+    assert ("itx",) not in seen
+
+
+def test_list_excludes_expired(kv: KvStore) -> None:
+    kv.set(("e", "gone"), 1, ttl=0.05)
+    kv.set(("e", "kept"), 2)
+    kv.set(("e",), 3, ttl=0.05)
+    wait_past(0.05)
+    assert list(kv.list(("e",))) == [(("e", "kept"), 2)]
+
+
+# -- bad input ----------------------------------------------------------------
+
+BAD_KEYS: list[tuple[Any, type[Exception]]] = [
+    ("a", TypeError),
+    (b"a", TypeError),
+    (None, TypeError),
+    (123, TypeError),
+    ((), ValueError),
+    ([], ValueError),
+    (("a", 1), TypeError),
+    ((b"a",), TypeError),
+    (("a", None), TypeError),
+    (("a\x00",), ValueError),
+    (("ok", "\ud800"), ValueError),
+    (("x" * 1100,), ValueError),
+    (("é" * 600,), ValueError),
+    (tuple("x" * 513), ValueError),
+]
+
+BAD_VALUES: list[tuple[Any, type[Exception]]] = [
+    (None, ValueError),
+    ((1, 2), TypeError),
+    ({1, 2}, TypeError),
+    (b"bytes", TypeError),
+    ({1: "a"}, TypeError),
+    ({None: "a"}, TypeError),
+    ({"a": (1,)}, TypeError),
+    ([{"a": {2}}], TypeError),
+    (object(), TypeError),
+    (Decimal("1.5"), TypeError),
+    (float("nan"), ValueError),
+    (float("inf"), ValueError),
+    ([float("-inf")], ValueError),
+    ("a\x00b", ValueError),
+    ("\udc80", ValueError),
+    ({"k\x00": 1}, ValueError),
+    ({"\ud800": 1}, ValueError),
+    ({"a": ["ok", "\x00"]}, ValueError),
+]
+
+BAD_TTLS: list[tuple[Any, type[Exception]]] = [
+    (True, TypeError),
+    ("5", TypeError),
+    ([1], TypeError),
+    (-1, ValueError),
+    (-0.001, ValueError),
+    (timedelta(seconds=-1), ValueError),
+    (float("nan"), ValueError),
+    (float("inf"), ValueError),
+]
+
+
+def test_bad_keys_raise_and_write_nothing(kv: KvStore) -> None:
+    for key, error in BAD_KEYS:
+        with pytest.raises(error):
+            kv.set(key, 1)
+        with pytest.raises(error):
+            kv.get(key)
+        with pytest.raises(error):
+            kv.delete(key)
+        with pytest.raises(error):
+            kv.cas(key, None, 1)
+        if key not in ((), []):  # the empty prefix is legal
+            with pytest.raises(error):
+                kv.list(key)
+    assert list(kv.list()) == []
+    # The limit is inclusive: 1024 packed bytes is fine
+    kv.set(("x" * 1023,), 1)
+    assert kv.get(("x" * 1023,)) == 1
+
+
+def test_bad_values_raise_and_write_nothing(kv: KvStore) -> None:
+    kv.set(("existing",), "before")
+    for value, error in BAD_VALUES:
+        with pytest.raises(error):
+            kv.set(("k",), value)
+        with pytest.raises(error):
+            kv.set(("existing",), value)
+        if value is not None:
+            with pytest.raises(error):
+                kv.cas(("k",), None, value)
+            with pytest.raises(error):
+                kv.cas(("existing",), value, "x")
+            with pytest.raises(error):
+                kv.cas(("existing",), "before", value)
+    assert list(kv.list()) == [(("existing",), "before")]
+
+
+def test_bad_ttls_raise_and_write_nothing(kv: KvStore) -> None:
+    kv.set(("existing",), "before")
+    for ttl, error in BAD_TTLS:
+        with pytest.raises(error):
+            kv.set(("k",), 1, ttl=ttl)
+        with pytest.raises(error):
+            kv.set(("existing",), 1, ttl=ttl)
+        with pytest.raises(error):
+            kv.cas(("existing",), "before", 1, ttl=ttl)
+    assert list(kv.list()) == [(("existing",), "before")]
+
+
+def test_error_messages_name_the_problem(kv: KvStore) -> None:
+    with pytest.raises(TypeError, match="tuple"):
+        kv.set("users", 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="None"):
+        kv.set(("k",), None)
+    with pytest.raises(TypeError, match="set"):
+        kv.set(("k",), {1})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="negative"):
+        kv.set(("k",), 1, ttl=-5)
+    with pytest.raises(ValueError, match="1024"):
+        kv.set(("k" * 2000,), 1)
+
+
+def test_close_is_idempotent(backend: Backend) -> None:
+    other = backend.reopen()
+    other.set(("c",), 1)
+    other.close()
+    other.close()
+    assert backend.store.get(("c",)) == 1
+
+
+# -- SQL specifics ------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(
+        "sqlite_url" if request.param == "sqlite" else "database_url"
+    )
+    return url
+
+
+@pytest.fixture
+def sql_engine(sql_url: str) -> Iterator[tuple[sa.Engine, str]]:
+    engine = create_engine(sql_url)
+    table = unique_name("kv_")
+    yield engine, table
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}"')
+    engine.dispose()
+
+
+def test_sql_missing_table_without_create_table_is_a_clear_error(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table, create_table=False)
+    with pytest.raises(StoreError, match=table):
+        store.get(("k",))
+    with pytest.raises(StoreError, match="create_table"):
+        store.set(("k",), 1)
+    # Once the table exists, the same store works
+    SqlKvStore(engine, table_name=table).set(("k",), 1)
+    assert store.get(("k",)) == 1
+
+
+def test_sql_shared_engine_is_not_disposed(sql_engine: tuple[sa.Engine, str]) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table)
+    store.set(("k",), 1)
+    assert store.engine is engine
+    assert store.table_name == table
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.get(("k",))
+    # The engine still works, and so does another store on it
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    assert SqlKvStore(engine, table_name=table).get(("k",)) == 1
+
+
+def test_sql_atomic_commits_or_rolls_back_with_the_enclosing_transaction(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table)
+    # Given writes inside atomic() that then fails
+    with pytest.raises(RuntimeError), atomic(engine):
+        store.set(("posts", "1"), {"text": "hi"})
+        assert store.cas(("lock",), None, "me") is True
+        # Reads inside the block see the block's writes
+        assert store.get(("posts", "1")) == {"text": "hi"}
+        assert [k for k, _ in store.list(("posts",))] == [("posts", "1")]
+        raise RuntimeError("boom")
+    # Then none of them happened
+    assert store.get(("posts", "1")) is None
+    assert store.get(("lock",)) is None
+    # And a block that completes commits them all
+    with atomic(engine):
+        store.set(("posts", "2"), 2)
+        store.delete(("posts", "1"))
+        assert store.cas(("lock",), None, "me") is True
+    assert store.get(("posts", "2")) == 2
+    assert store.get(("lock",)) == "me"
+    # Nested blocks roll back to their savepoint
+    with atomic(engine):
+        store.set(("outer",), 1)
+        with pytest.raises(RuntimeError), atomic(engine):
+            store.set(("inner",), 1)
+            raise RuntimeError("inner")
+    assert store.get(("outer",)) == 1
+    assert store.get(("inner",)) is None
+
+
+def test_sql_table_created_inside_a_rolled_back_atomic_is_created_again(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table)
+    with pytest.raises(RuntimeError), atomic(engine):
+        store.set(("k",), 1)
+        raise RuntimeError("boom")
+    # On PostgreSQL the DDL was rolled back too; the store notices nothing
+    store.set(("k",), 2)
+    assert store.get(("k",)) == 2
+
+
+def test_sql_stores_json_text_that_round_trips_exactly(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table)
+    store.set(("f",), {"b": 1e300, "a": 0.1})
+    with engine.connect() as conn:
+        raw = conn.exec_driver_sql(f'SELECT value FROM "{table}"').scalar()
+    # Canonical JSON: sorted keys, no spaces; 1e300 stays a float (no jsonb)
+    assert raw == '{"a":0.1,"b":1e+300}'
+    assert same(store.get(("f",)), {"a": 0.1, "b": 1e300})
+
+
+def test_sql_expired_rows_are_reclaimed_by_later_writes(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table)
+    for i in range(300):
+        store.set(("tmp", str(i)), i, ttl=0.01)
+    time.sleep(0.1)
+    # When the table keeps being written to
+    for i in range(600):
+        store.set(("live",), i)
+    # Then the expired rows are (mostly) gone, without any sweeper
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(f'SELECT count(*) FROM "{table}"').scalar()
+    assert rows is not None and rows < 100
+
+
+def test_sql_rejects_bad_table_names(sql_url: str) -> None:
+    from botkit_tasks.errors import ConfigurationError
+
+    for name in ["", "1abc", 'a"b', "a b", "x" * 52, "drop;table"]:
+        with pytest.raises(ConfigurationError):
+            SqlKvStore(sql_url, table_name=name)
+    with pytest.raises(ConfigurationError):
+        SqlKvStore("mysql://localhost/db")
+    with pytest.raises(TypeError):
+        SqlKvStore(42)  # type: ignore[arg-type]
+
+
+# -- Redis specifics ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("decode_responses", [False, True])
+def test_redis_shared_client_either_decoding_is_not_closed(
+    redis_url: str, decode_responses: bool
+) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=decode_responses)
+    prefix = unique_name("botkit-test:") + ":*?["
+    store = RedisKvStore(client, key_prefix=prefix)
+    try:
+        store.set(("a", "é"), {"x": [1, 2.5]}, ttl=60)
+        assert store.get(("a", "é")) == {"x": [1, 2.5]}
+        assert list(store.list(("a",))) == [(("a", "é"), {"x": [1, 2.5]})]
+        assert store.cas(("a", "é"), {"x": [1, 2.5]}, "y") is True
+        # Stored as canonical JSON under the prefix, with a millisecond expiry
+        name = prefix.encode() + "a\x00é\x00".encode()
+        raw = client.get(name)
+        assert raw in ('"y"', b'"y"')
+        assert client.pttl(name) == -1
+        store.close()
+        store.close()
+        assert client.ping() is True
+    finally:
+        client.delete(prefix.encode() + "a\x00é\x00".encode())
+        client.close()
+
+
+def test_redis_prefixes_with_glob_characters_do_not_leak(redis_url: str) -> None:
+    base = unique_name("botkit-test:")
+    star = RedisKvStore(redis_url, key_prefix=base + "*")
+    plain = RedisKvStore(redis_url, key_prefix=base + "x")
+    try:
+        plain.set(("k",), 1)
+        star.set(("k",), 2)
+        assert list(star.list()) == [(("k",), 2)]
+        assert list(plain.list()) == [(("k",), 1)]
+    finally:
+        star.delete(("k",))
+        plain.delete(("k",))
+        star.close()
+        plain.close()
+
+
+def test_redis_owned_client_is_closed_and_rediss_urls_are_accepted(redis_url: str) -> None:
+    store = RedisKvStore(redis_url, key_prefix=unique_name("botkit-test:"))
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.get(("k",))
+    # A TLS URL makes a TLS client (no connection is made until first use)
+    tls = RedisKvStore("rediss://127.0.0.1:6380/0")
+    assert tls.client.connection_pool.connection_class.__name__ == "SSLConnection"
+    tls.close()
+    with pytest.raises(TypeError):
+        RedisKvStore(42)  # type: ignore[arg-type]
+
+
+def test_redis_errors_are_store_errors(redis_url: str) -> None:
+    store = RedisKvStore(
+        "redis://127.0.0.1:1/0?socket_connect_timeout=0.5", key_prefix="botkit-test:"
+    )
+    with pytest.raises(StoreError) as info:
+        store.get(("k",))
+    assert isinstance(info.value.__cause__, redis.RedisError)
+    store.close()
+
+
+def test_json_canonical_form_is_shared() -> None:
+    from botkit_tasks.kv._codec import encode_value
+
+    assert encode_value({"b": 1, "a": [True, None, "é"]}) == '{"a":[true,null,"é"],"b":1}'
+    assert json.loads(encode_value(2**100)) == 2**100
