@@ -462,3 +462,25 @@ def test_missing_stored_activity_is_a_permanent_failure(server: ScriptedServer) 
 def test_host_of_keeps_explicit_ports() -> None:
     assert host_of("https://Mastodon.Social/inbox") == "mastodon.social"
     assert host_of("http://127.0.0.1:8080/inbox") == "127.0.0.1:8080"
+
+
+def test_500_twice_then_202_on_sql_broker_sqlite(server: ScriptedServer, sqlite_url: str) -> None:
+    # Given the same flaky inbox, with deliveries queued in SqlBroker on SQLite
+    sql = pytest.importorskip("botkit_tasks.brokers.sql")
+    broker = sql.SqlBroker(sqlite_url, poll_interval=0.05)
+    server.script("/inbox", Reply(500), Reply(500), Reply(202))
+    fed = make_federation(broker=broker)
+    worker = dramatiq.Worker(broker, worker_timeout=20, worker_threads=2)
+    worker.start()
+    try:
+        # When the activity is sent and the outbox drains
+        fed.send(ACTIVITY, [server.url("/inbox")])
+        broker.join("botkit.outbox", timeout=20_000)
+    finally:
+        worker.stop()
+        broker.close()
+    # Then the third attempt delivered it, each attempt signed afresh
+    requests = server.requests("/inbox")
+    assert len(requests) == 3
+    for request in requests:
+        assert_signed_by(fed, server, request)

@@ -101,6 +101,16 @@ def unavailable_hosts(kv: KvStore) -> set[str]:
     }
 
 
+def _host(url: str) -> str:
+    """:func:`host_of` without ``urlsplit`` for plain ``scheme://host[:port]/...`` URLs."""
+    parts = url.split("/", 3)
+    if len(parts) >= 3 and parts[0] in ("https:", "http:") and not parts[1]:
+        netloc = parts[2]
+        if "@" not in netloc and "[" not in netloc and "?" not in netloc and "#" not in netloc:
+            return netloc.lower()
+    return host_of(url)
+
+
 def _progress_key(username: str, activity_id: str) -> tuple[str, ...]:
     return ("botkit", username, "fanout-progress", activity_id)
 
@@ -156,7 +166,7 @@ def fan_out(
         if not isinstance(url, str) or url in seen:
             continue
         seen.add(url)
-        if host_of(url) in blocked:
+        if blocked and _host(url) in blocked:
             stats.skipped += 1
             continue
         batch.append(deliver.message(username, activity_id, url))

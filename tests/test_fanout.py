@@ -1,0 +1,218 @@
+"""Fan-out: shared inboxes, de-duplication, unavailable hosts, batches, body stored once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+from _http_server import Reply, ScriptedServer
+from dramatiq.brokers.stub import StubBroker
+
+from botkit_tasks.federation import Federation
+from botkit_tasks.federation.delivery import DeliveryOptions, host_of, record_host_failure
+from botkit_tasks.federation.fanout import _host, expand_inboxes, fan_out
+from botkit_tasks.kv.memory import MemoryKvStore
+
+FAST = DeliveryOptions(max_retries=3, min_backoff=0.01, max_backoff=0.05, read_timeout=0.5)
+ACTIVITY: dict[str, Any] = {
+    "@context": "https://www.w3.org/ns/activitystreams",
+    "id": "https://bot.example/activities/1",
+    "type": "Create",
+    "actor": "https://bot.example/users/bot",
+    "object": {"type": "Note", "content": "x" * 2000},
+}
+
+
+class BatchingStubBroker(StubBroker):
+    """A StubBroker with ``enqueue_many``, recording the batch sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def enqueue_many(self, messages: list[Any], *, delay: int | None = None) -> list[Any]:
+        self.batches.append(len(messages))
+        return [self.enqueue(m, delay=delay) for m in messages]
+
+
+def federation(broker: Any = None, base_url: str = "https://bot.example") -> Federation:
+    return Federation(
+        kv=MemoryKvStore(),
+        broker=broker if broker is not None else StubBroker(),
+        base_url=base_url,
+        username="bot",
+        allow_private_addresses=base_url.startswith("http:"),
+        delivery_options=FAST,
+    )
+
+
+def outbox(broker: StubBroker) -> list[Any]:
+    return [dramatiq.Message.decode(m) for m in broker.queues["botkit.outbox"].queue]
+
+
+def test_expand_prefers_shared_inboxes_and_deduplicates() -> None:
+    followers = [
+        {"id": "a", "inbox": "https://m.example/a/inbox", "sharedInbox": "https://m.example/inbox"},
+        {"id": "b", "inbox": "https://m.example/b/inbox", "sharedInbox": "https://m.example/inbox"},
+        {"id": "c", "inbox": "https://solo.example/c/inbox"},
+        {"id": "d", "inbox": "https://solo.example/c/inbox"},
+    ]
+    assert list(expand_inboxes(followers)) == [
+        "https://m.example/inbox",
+        "https://solo.example/c/inbox",
+    ]
+
+
+def test_publish_stores_the_body_once_and_enqueues_one_fanout_job() -> None:
+    # Given a federation with 3 followers
+    fed = federation()
+    for n in range(3):
+        fed.followers.add({"id": f"https://r{n}.example/u", "inbox": f"https://r{n}.example/inbox"})
+    # When an activity is published
+    fed.publish(ACTIVITY)
+    # Then it is stored once and exactly one fan-out job waits (no delivery yet)
+    assert fed.kv.get(("botkit", "bot", "activities", ACTIVITY["id"])) == ACTIVITY
+    broker: StubBroker = fed.broker  # type: ignore[assignment]
+    jobs = [dramatiq.Message.decode(m) for m in broker.queues["botkit.fanout"].queue]
+    assert [(j.actor_name, j.args) for j in jobs] == [("botkit_fanout", ("bot", ACTIVITY["id"]))]
+    assert broker.queues["botkit.outbox"].qsize() == 0
+
+
+def test_publish_needs_an_activity_id() -> None:
+    with pytest.raises(ValueError, match="id"):
+        federation().publish({"type": "Create"})
+
+
+def test_fanout_enqueues_one_small_message_per_distinct_inbox_and_skips_unavailable_hosts() -> None:
+    # Given followers on a shared inbox, personal inboxes, and a host marked unavailable
+    fed = federation()
+    for n in range(5):
+        fed.followers.add(
+            {
+                "id": f"https://big.example/users/{n}",
+                "inbox": f"https://big.example/users/{n}/inbox",
+                "sharedInbox": "https://big.example/inbox",
+            }
+        )
+    fed.followers.add({"id": "https://solo.example/me", "inbox": "https://solo.example/me/inbox"})
+    fed.followers.add({"id": "https://down.example/x", "inbox": "https://down.example/x/inbox"})
+    for day in range(3):
+        record_host_failure(fed.kv, "down.example", now=1_700_000_000 + day * 86400)
+    fed.kv.set(("botkit", "bot", "activities", ACTIVITY["id"]), ACTIVITY)
+    # When the fan-out runs
+    stats = fan_out(fed, ACTIVITY["id"])
+    # Then one delivery per distinct reachable inbox, carrying no body
+    messages = outbox(fed.broker)  # type: ignore[arg-type]
+    assert sorted(m.args[2] for m in messages) == [
+        "https://big.example/inbox",
+        "https://solo.example/me/inbox",
+    ]
+    for m in messages:
+        assert m.actor_name == "botkit_deliver"
+        assert m.args[:2] == ("bot", ACTIVITY["id"]) and m.kwargs == {}
+        assert len(m.encode()) < 400  # the 2 kB body is not copied into messages
+    assert (stats.followers, stats.inboxes, stats.skipped) == (7, 2, 1)
+
+
+def test_fanout_uses_enqueue_many_in_batches() -> None:
+    broker = BatchingStubBroker()
+    fed = federation(broker)
+    for n in range(2500):
+        fed.followers.add(
+            {"id": f"https://h{n:05d}.example/u", "inbox": f"https://h{n:05d}.example/i"}
+        )
+    stats = fan_out(fed, ACTIVITY["id"])
+    assert broker.batches == [1000, 1000, 500]
+    assert stats.inboxes == 2500 and broker.queues["botkit.outbox"].qsize() == 2500
+
+
+def test_a_retried_fanout_resumes_after_the_progress_cursor() -> None:
+    broker = BatchingStubBroker()
+    fed = federation(broker)
+    for n in range(10):
+        fed.followers.add({"id": f"https://h{n}.example/u", "inbox": f"https://h{n}.example/i"})
+    # Given a first run that got through the followers up to h5
+    fed.kv.set(("botkit", "bot", "fanout-progress", ACTIVITY["id"]), "https://h5.example/u")
+    # When the job runs again
+    stats = fan_out(fed, ACTIVITY["id"])
+    # Then only the remaining followers are enqueued
+    assert [m.args[2] for m in outbox(broker)] == [f"https://h{n}.example/i" for n in range(6, 10)]
+    assert stats.followers == 4
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedServer]:
+    with ScriptedServer() as srv:
+        yield srv
+
+
+def test_publish_delivers_to_every_inbox_end_to_end(server: ScriptedServer) -> None:
+    # Given followers behind a shared inbox and two personal inboxes on a real server
+    for path in ("/shared", "/a", "/b"):
+        server.script(path, Reply(202))
+    fed = federation(base_url="http://127.0.0.1:1")
+    for n in range(3):
+        fed.followers.add(
+            {
+                "id": f"http://s/{n}",
+                "inbox": server.url(f"/s{n}"),
+                "sharedInbox": server.url("/shared"),
+            }
+        )
+    fed.followers.add({"id": "http://a/", "inbox": server.url("/a")})
+    fed.followers.add({"id": "http://b/", "inbox": server.url("/b")})
+    broker: StubBroker = fed.broker  # type: ignore[assignment]
+    worker = dramatiq.Worker(broker, worker_timeout=20)
+    worker.start()
+    try:
+        # When an activity is published and the workers drain the queues
+        fed.publish(ACTIVITY)
+        broker.join("botkit.fanout", timeout=20_000)
+        broker.join("botkit.outbox", timeout=20_000)
+    finally:
+        worker.stop()
+    # Then each distinct inbox received the stored activity exactly once
+    assert sorted(r.path for r in server.requests()) == ["/a", "/b", "/shared"]
+    assert all(json.loads(r.body) == ACTIVITY for r in server.requests())
+
+
+def test_fanout_on_sql_broker_sqlite_uses_enqueue_many(sqlite_url: str) -> None:
+    sql = pytest.importorskip("botkit_tasks.brokers.sql")
+    broker = sql.SqlBroker(sqlite_url)
+    try:
+        fed = federation(broker)
+        for n in range(1500):
+            fed.followers.add(
+                {"id": f"https://h{n:05d}.example/u", "inbox": f"https://h{n:05d}.example/i"}
+            )
+        stats = fan_out(fed, ACTIVITY["id"])
+        assert stats.batches == 2 and stats.inboxes == 1500
+        import sqlalchemy as sa
+
+        with broker.engine.connect() as conn:
+            count = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(broker.messages)
+                .where(broker.messages.c.queue_name == "botkit.outbox")
+            ).scalar_one()
+        assert count == 1500
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://Mastodon.Social/inbox",
+        "http://127.0.0.1:8080/inbox",
+        "https://user@host.example/inbox",
+        "https://[::1]:8443/inbox",
+        "https://host.example?x=1",
+        "https://host.example",
+    ],
+)
+def test_fast_host_agrees_with_host_of(url: str) -> None:
+    assert _host(url) == host_of(url)
