@@ -297,6 +297,7 @@ def test_unsupported_key_ids_are_not_fetched(key_id: str) -> None:
     fetcher = Documents()
     assert KeyResolver(MemoryKvStore(), fetcher).resolve(key_id) is None
     assert fetcher.fetched == []
+    assert fetcher.fetched == []
 
 
 # ------------------------------------------------------------ verify_incoming
@@ -379,3 +380,30 @@ def test_verify_incoming_accepts_an_iterator_of_pairs(key: rsa.RSAPrivateKey) ->
     pairs = iter(signed(key).items())
     verified, _ = verify_incoming("POST", INBOX, pairs, BODY, resolver)
     assert verified.key_id == KEY_ID
+
+
+def test_failed_refetch_keeps_the_cached_key(key: rsa.RSAPrivateKey) -> None:
+    # Given a cached key whose server then goes away
+    fetcher = Documents({ACTOR: actor(key)})
+    resolver = KeyResolver(MemoryKvStore(), fetcher, min_refresh_interval=0.2)
+    assert resolver.resolve(KEY_ID) is not None
+    del fetcher.documents[ACTOR]
+    time.sleep(0.3)
+
+    # When a refresh is tried (and fails), then tried again at once
+    assert resolver.resolve(KEY_ID, refresh=True) is None
+    again = resolver.resolve(KEY_ID, refresh=True)
+
+    # Then the failed attempt throttles the next one, and the good key stays cached
+    assert fetcher.fetched == [ACTOR, ACTOR]
+    assert again is not None and again.from_cache
+    assert resolver.resolve(KEY_ID) is not None
+
+
+@pytest.mark.parametrize(
+    "key_id", ["https://remote.example/a\x00#k", "https://remote.example/\ud800"]
+)
+def test_key_ids_no_store_can_hold_resolve_to_none(key_id: str) -> None:
+    fetcher = Documents()
+    assert KeyResolver(MemoryKvStore(), fetcher).resolve(key_id) is None
+    assert fetcher.fetched == []

@@ -12,6 +12,7 @@ a dead key does not turn into a flood of fetches.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ DEFAULT_KEY_TTL = 3600.0
 DEFAULT_FAILURE_TTL = 300.0
 #: A cached key is not refetched (on a verification failure) more often than this, in seconds.
 DEFAULT_MIN_REFRESH_INTERVAL = 60.0
+# Bound on the per-process memory of recent refetch attempts (cleared when full).
+_MAX_TRACKED_REFRESHES = 10_000
 # Longer key ids cannot be KV keys (1 KiB limit) and are not real-world key ids.
 _MAX_KEY_ID_LENGTH = 512
 
@@ -260,6 +263,8 @@ class KeyResolver:
         self.ttl = ttl
         self.failure_ttl = failure_ttl
         self.min_refresh_interval = min_refresh_interval
+        self._lock = threading.Lock()
+        self._refresh_attempts: dict[str, float] = {}
 
     def resolve(self, key_id: str, *, refresh: bool = False) -> RemoteKey | None:
         """Return the public key ``key_id``, from the cache or fetched.
@@ -267,30 +272,50 @@ class KeyResolver:
         Args:
             key_id: The key's URL (a fragment is allowed, e.g. ``…/users/a#main-key``).
             refresh: Fetch again even when cached (key rotation), unless the
-                cached copy is younger than ``min_refresh_interval``.
+                key was fetched, or a refetch tried, less than
+                ``min_refresh_interval`` seconds ago (then the cached key is
+                returned).
 
         Returns:
             The key, or ``None`` when it cannot be fetched or the document does
-            not hold it (the failure is cached for ``failure_ttl`` seconds).
+            not hold it.  A failed first fetch is cached for ``failure_ttl``
+            seconds; a failed refetch leaves the cached key in place.
         """
         if not isinstance(key_id, str) or len(key_id) > _MAX_KEY_ID_LENGTH:
             return None
         if _origin(key_id) is None:
             return None  # e.g. an acct: key id; only URLs are supported
         kv_key = remote_key_kv_key(key_id)
-        cached = self.kv.get(kv_key)
-        if isinstance(cached, dict):
-            fetched_at = cached.get("fetchedAt")
-            recent = isinstance(fetched_at, (int, float)) and (
-                time.time() - fetched_at < self.min_refresh_interval
-            )
-            if not refresh or recent:
-                if "error" in cached:
-                    return None
-                key = self._from_record(key_id, cached)
-                if key is not None:
-                    return key
-        return self._fetch(key_id, kv_key)
+        try:
+            cached = self.kv.get(kv_key)
+        except (TypeError, ValueError):
+            return None  # a key id no store can hold (NUL, lone surrogates) is not a URL
+        record = cached if isinstance(cached, dict) else {}
+        current = self._from_record(key_id, record)
+        if not refresh:
+            if "error" in record:
+                return None
+            return current if current is not None else self._fetch(key_id, kv_key, None)
+        if current is not None and self._recently_fetched(key_id, record):
+            return current
+        return self._fetch(key_id, kv_key, current)
+
+    def _recently_fetched(self, key_id: str, record: Mapping[str, Any]) -> bool:
+        # Two throttles: the record's fetchedAt (shared by every process) and
+        # this process's last attempt (which also counts failed refetches, as
+        # those leave the cached record untouched).
+        now = time.time()
+        fetched_at = record.get("fetchedAt")
+        if isinstance(fetched_at, (int, float)) and now - fetched_at < self.min_refresh_interval:
+            return True
+        with self._lock:
+            last = self._refresh_attempts.get(key_id)
+            if last is not None and now - last < self.min_refresh_interval:
+                return True
+            if len(self._refresh_attempts) >= _MAX_TRACKED_REFRESHES:
+                self._refresh_attempts.clear()
+            self._refresh_attempts[key_id] = now
+        return False
 
     def _from_record(self, key_id: str, record: Mapping[str, Any]) -> RemoteKey | None:
         owner, pem = record.get("owner"), record.get("publicKeyPem")
@@ -301,7 +326,7 @@ class KeyResolver:
         except ValueError:
             return None
 
-    def _fetch(self, key_id: str, kv_key: KvKey) -> RemoteKey | None:
+    def _fetch(self, key_id: str, kv_key: KvKey, current: RemoteKey | None) -> RemoteKey | None:
         url = key_id.partition("#")[0]
         try:
             document = self.fetcher.get_json(url)
@@ -309,6 +334,10 @@ class KeyResolver:
             public_key = load_public_key_pem(pem)
         except (BotkitError, ValueError) as exc:
             logger.info("cannot fetch the key %s: %s", key_id, exc)
+            if current is not None:
+                # A failed refetch must not evict a good key: the server may
+                # just be down, and the refetch may have been provoked by a forgery.
+                return None
             self.kv.set(
                 kv_key, {"error": str(exc)[:500], "fetchedAt": time.time()}, ttl=self.failure_ttl
             )
