@@ -722,6 +722,7 @@ class _SqlConsumer(Consumer):
         self._next_poll = 0.0
         self._coalesce_until: float | None = None
         self._drained = False
+        self._hold_until: float | None = None
         self._next_heartbeat = 0.0
         self._registered = False
         self._closed = False
@@ -754,8 +755,13 @@ class _SqlConsumer(Consumer):
         deadline = time.monotonic() + self.timeout / 1000
         while True:
             if self._cache:
-                return self._cache.popleft()
+                return self._hand_out(self._cache.popleft())
             now = time.monotonic()
+            if self._hold_until is not None and now >= self._hold_until:
+                # The worker releases delayed messages only after __next__
+                # returns; return now so that a held one goes out on time.
+                self._hold_until = None
+                return None
             free = self.prefetch - len(self._unacked)
             if free > 0 and self._should_claim(free, now):
                 if self._claim(min(free, MAX_CLAIM)):
@@ -777,8 +783,22 @@ class _SqlConsumer(Consumer):
                     wake_at = min(wake_at, self._coalesce_until)
             if self.broker._acks:
                 wake_at = min(wake_at, self.broker._acks_since + ACK_DELAY)
+            if self._hold_until is not None:
+                wake_at = min(wake_at, self._hold_until)
             self._event.wait(max(wake_at - now, 0.0))
             self._event.clear()
+
+    def _hand_out(self, proxy: SqlMessageProxy) -> SqlMessageProxy:
+        eta = proxy.options.get("eta")
+        if isinstance(eta, (int, float)):
+            # Due by the database clock but maybe not yet by this host's: the
+            # worker holds it until its ETA, so wake up then.
+            wait = (eta - current_millis()) / 1000
+            if wait > 0:
+                hold = time.monotonic() + wait + 0.001
+                if self._hold_until is None or hold < self._hold_until:
+                    self._hold_until = hold
+        return proxy
 
     def _should_claim(self, free: int, now: float) -> bool:
         if self._notified or now >= self._next_poll:

@@ -1,0 +1,115 @@
+"""Helpers shared by the broker tests and the worker modules they start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SqlCounter:
+    """Per-key run counts in a ``{prefix}runs`` table, safe across processes."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        from botkit_tasks._sql import create_engine
+
+        self.engine = create_engine(url)
+        self.table = sa.Table(
+            f"{prefix}runs",
+            sa.MetaData(),
+            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("n", sa.Integer, nullable=False),
+        )
+        self.table.metadata.create_all(self.engine, checkfirst=True)
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        stmt = insert(self.table).values(key=sa.bindparam("key"), n=1)
+        self._incr = stmt.on_conflict_do_update(
+            index_elements=[self.table.c.key], set_={"n": self.table.c.n + 1}
+        )
+
+    def incr(self, key: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self._incr, {"key": key})
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {k: n for k, n in conn.execute(sa.select(self.table.c.key, self.table.c.n))}
+
+    def drop(self) -> None:
+        self.table.metadata.drop_all(self.engine, checkfirst=True)
+        self.engine.dispose()
+
+
+class RedisCounter:
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url)
+        self.key = f"{prefix}:runs"
+
+    def incr(self, key: str) -> None:
+        self.client.hincrby(self.key, key, 1)
+
+    def counts(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.client.hgetall(self.key).items()}
+
+    def drop(self) -> None:
+        self.client.delete(self.key)
+        self.client.close()
+
+
+def make_counter(kind: str, url: str, prefix: str) -> Any:
+    return SqlCounter(url, prefix) if kind == "sql" else RedisCounter(url, prefix)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@contextmanager
+def dramatiq_cli(
+    module: str, env: dict[str, str], *args: str, log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``dramatiq <module> *args`` in its own process group; stop it on exit."""
+    command = [str(Path(sys.executable).parent / "dramatiq"), module, *args]
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env, "dramatiq_restart_delay": "300"},
+        stdout=out,
+        stderr=out,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if log:
+            out.close()  # type: ignore[union-attr]

@@ -1,0 +1,1 @@
+"""Worker modules that the ``dramatiq`` CLI imports in the broker tests."""
