@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -353,3 +354,20 @@ def test_key_fetch_refused_without_permission(
         resolver = KeyResolver(MemoryKvStore(), f)
         assert resolver.resolve(server.url("/users/alice") + "#main-key") is None
     assert server.requests() == []
+
+
+def test_total_deadline_bounds_a_trickling_body(bot_key: rsa.RSAPrivateKey) -> None:
+    # Given a server that sends a small chunk every 0.1 s, never finishing
+    def trickle() -> Iterator[bytes]:
+        while True:
+            time.sleep(0.1)
+            yield b" "
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=trickle()))
+    with httpx.Client(transport=transport) as client:
+        f = fetcher(bot_key, allow_private_addresses=False, client=client, total_timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(FetchError, match="total time limit"):
+            f.get_json("https://8.8.8.8/users/alice")
+    # Then the fetch gave up near the deadline, not at the per-read timeout
+    assert time.monotonic() - started < 2.0

@@ -236,6 +236,8 @@ def guarded_transport(*, allow_private_addresses: bool) -> httpx.HTTPTransport:
 
 
 def _read_capped(response: httpx.Response, limit: int, deadline: float, url: str) -> bytes:
+    # iter_bytes() yields decoded bytes, so the cap also bounds what a small
+    # gzip body inflates to.
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise FetchError(f"{url!r}: the response is {declared} bytes (limit {limit})", url=url)
@@ -246,7 +248,7 @@ def _read_capped(response: httpx.Response, limit: int, deadline: float, url: str
         if size > limit:
             raise FetchError(f"{url!r}: the response exceeds {limit} bytes", url=url)
         if time.monotonic() > deadline:
-            raise FetchError(f"{url!r}: the fetch took longer than {TOTAL_TIMEOUT} s", url=url)
+            raise FetchError(f"{url!r}: the fetch exceeded its total time limit", url=url)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -335,6 +337,10 @@ class Fetcher:
         deadline = time.monotonic() + self.total_timeout
         current = url
         for _ in range(self.max_redirects + 1):
+            if time.monotonic() > deadline:
+                raise FetchError(
+                    f"{url!r}: the fetch took longer than {self.total_timeout} s", url=url
+                )
             check_destination(current, allow_private_addresses=self.allow_private_addresses)
             try:
                 headers = sign_request(
