@@ -39,7 +39,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -56,8 +55,6 @@ DATABASE_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("BOTKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ACTIVITY_ID = "https://bot.example/activities/bench"
-
-Setup = Callable[[], Any]
 
 
 def populate(fed: Federation, n: int) -> None:
@@ -86,10 +83,11 @@ def measure(fed: Federation, n: int, runs: int) -> tuple[float, float]:
     ours: list[float] = []
     base: list[float] = []
     for _ in range(runs):
-        for label, fn in (
+        contenders: list[tuple[str, Callable[[], int]]] = [
             ("ours", lambda: fan_out(fed, ACTIVITY_ID).inboxes),
             ("base", lambda: naive_fan_out(fed)),
-        ):
+        ]
+        for label, fn in contenders:
             fed.kv.delete(("botkit", fed.username, "fanout-progress", ACTIVITY_ID))
             fed.broker.flush("botkit.outbox")
             started = time.perf_counter()
@@ -144,7 +142,7 @@ def redis_pair() -> Iterator[tuple[KvStore, dramatiq.Broker]]:
 
     name = f"bench-{uuid.uuid4().hex[:10]}"
     kv = RedisKvStore(REDIS_URL, key_prefix=f"{name}-kv:")
-    broker = RedisBroker(url=REDIS_URL, namespace=f"{name}-mq")
+    broker = RedisBroker(url=REDIS_URL, namespace=f"{name}-mq")  # type: ignore[no-untyped-call]
     try:
         yield kv, broker
     finally:

@@ -484,3 +484,14 @@ def test_500_twice_then_202_on_sql_broker_sqlite(server: ScriptedServer, sqlite_
     assert len(requests) == 3
     for request in requests:
         assert_signed_by(fed, server, request)
+
+
+def test_401_then_400_on_the_second_knock_stays_retryable(server: ScriptedServer) -> None:
+    # A server that cannot parse RFC 9421 must not turn a retryable 401 into a drop.
+    def cavage_401_rfc9421_400(request: Request) -> Reply:
+        return Reply(400) if "Signature-Input" in request.headers else Reply(401)
+
+    server.handle("/inbox", cavage_401_rfc9421_400)
+    result = once(make_federation(), server.url("/inbox"))
+    assert result.outcome is Outcome.RETRY and result.status == 401
+    assert len(server.requests("/inbox")) == 2

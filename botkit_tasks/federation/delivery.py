@@ -280,9 +280,13 @@ def deliver_once(
         result = _attempt(http, inbox_url, body, first, key_id, private_key, opts, user_agent)
         if result.status == 401:
             # Double knock: the receiver may only understand the other scheme.
-            result = _attempt(http, inbox_url, body, second, key_id, private_key, opts, user_agent)
-            if result.outcome is Outcome.DELIVERED and kv is not None:
+            other = _attempt(http, inbox_url, body, second, key_id, private_key, opts, user_agent)
+            if other.outcome is Outcome.DELIVERED and kv is not None:
                 kv.set(("botkit", "sig-scheme", origin), second)
+            # A server that cannot parse the other scheme may answer it with a
+            # 400 or worse; that must not turn a retryable 401 into a drop.
+            if other.outcome in (Outcome.DELIVERED, Outcome.RETRY):
+                result = other
     finally:
         if owned:
             http.close()
@@ -609,6 +613,9 @@ def declare_delivery_actors(federation: FederationLike) -> dramatiq.Actor[..., N
             federation, inbox_url, body, client=client(federation.allow_private_addresses)
         )
         if result.outcome is Outcome.RETRY:
+            logger.info(
+                "Delivery of %s to %s will be retried: %s", activity_id, inbox_url, result.reason
+            )
             delay = None if result.retry_after is None else int(result.retry_after * 1000)
             raise dramatiq.Retry(f"{inbox_url}: {result.reason}", delay=delay)
         if result.outcome is Outcome.PERMANENT:
