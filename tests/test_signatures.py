@@ -322,6 +322,16 @@ def test_hs2019_with_stale_created_is_rejected(key: rsa.RSAPrivateKey) -> None:
         verify(key, headers)
 
 
+@pytest.mark.parametrize("created", ['"\u00b2"', "9999999999999999999999", '"-5"', '""'])
+def test_created_must_be_a_plain_integer(key: rsa.RSAPrivateKey, created: str) -> None:
+    headers = _manual_cavage(
+        key, ["(request-target)", "host", "(created)", "digest"], algorithm="hs2019", created=1
+    )
+    headers["Signature"] = headers["Signature"].replace("created=1", f"created={created}")
+    with pytest.raises(SignatureError, match="created parameter is not an integer"):
+        verify(key, headers)
+
+
 def test_created_is_only_allowed_with_hs2019(key: rsa.RSAPrivateKey) -> None:
     names = ["(request-target)", "host", "(created)", "digest"]
     headers = _manual_cavage(key, names, algorithm="rsa-sha256", created=int(NOW))

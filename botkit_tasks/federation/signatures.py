@@ -90,6 +90,8 @@ _RFC9421_ALG = algorithms.RSA_V1_5_SHA256.algorithm_id  # "rsa-v1_5-sha256"
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 # Hostile headers are rejected before any parsing work is spent on them.
 _MAX_SIGNATURE_HEADER = 8192
+# created/expires: POSIX seconds; 15 digits is far beyond any plausible time.
+_INTEGER = re.compile(r"[0-9]{1,15}")
 _CAVAGE_PARAM = re.compile(r'\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"([^"\\]*)"|([0-9]+))\s*')
 
 
@@ -350,7 +352,7 @@ def _verify_cavage(
         created_at = parsed.timestamp()
         _check_time(created_at, now, max_skew, "the Date header")
     for name in ("created", "expires"):
-        if name in params and not params[name].isdigit():
+        if name in params and not _INTEGER.fullmatch(params[name]):
             raise SignatureError(f"the {name} parameter is not an integer")
     if "(created)" in signed:
         if "created" not in params:
