@@ -495,3 +495,42 @@ def test_401_then_400_on_the_second_knock_stays_retryable(server: ScriptedServer
     result = once(make_federation(), server.url("/inbox"))
     assert result.outcome is Outcome.RETRY and result.status == 401
     assert len(server.requests("/inbox")) == 2
+
+
+def test_trickling_response_is_cut_at_the_total_deadline(server: ScriptedServer) -> None:
+    # Given a 202 whose 1 MiB body trickles in over ~5 s, and a 1 s total deadline
+    server.script("/inbox", Reply(202, body_size=1 << 20, chunk_delay=0.3))
+    fed = make_federation(DeliveryOptions(read_timeout=0.5, total_timeout=1.0))
+    started = time.monotonic()
+    result = once(fed, server.url("/inbox"))
+    # Then reading stops at the deadline and the status decides the outcome
+    assert time.monotonic() - started < 2.5
+    assert result.outcome is Outcome.DELIVERED
+    assert result.body_bytes < 1 << 20
+
+
+def test_hanging_server_then_202_is_retried_by_the_worker(server: ScriptedServer) -> None:
+    # Given an inbox that hangs once, then accepts
+    server.script("/inbox", Reply(202, delay=5.0), Reply(202))
+    fed = make_federation()
+    with Running(fed) as running:
+        fed.send(ACTIVITY, [server.url("/inbox")])
+        running.join()
+    # Then the timed-out attempt was retried with backoff and the retry delivered
+    assert len(server.requests("/inbox")) == 2
+    assert len(running.delays) == 1
+
+
+def test_connection_refused_through_the_worker_exhausts_retries_and_records_the_host() -> None:
+    # Given an inbox on a port where nothing listens
+    fed = make_federation()
+    url = f"http://127.0.0.1:{closed_port()}/inbox"
+    with Running(fed) as running:
+        fed.send(ACTIVITY, [url])
+        # Then every attempt fails, is retried max_retries times, then the job dies
+        with pytest.raises(dramatiq.Retry, match="network error"):
+            running.join()
+    assert len(running.delays) == FAST.max_retries
+    # And today counts as a failure day for that host
+    record = fed.kv.get(("botkit", "hosts", host_of(url)))
+    assert isinstance(record, dict) and len(record["days"]) == 1
