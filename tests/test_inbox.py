@@ -182,16 +182,18 @@ async def asgi_call(
     *,
     method: str = "POST",
     path: str = INBOX_PATH,
-    headers: dict[str, str] | None = None,
+    headers: dict[str, str] | list[tuple[str, str]] | None = None,
     body: bytes = b"",
     chunks: list[bytes] | None = None,
     query: bytes = b"",
 ) -> Response:
-    """Call an ASGI app as a server would; ``chunks`` streams the body in pieces."""
+    """Call an ASGI app as a server would; ``chunks`` streams the body in pieces.
+
+    ``headers`` may be a list of pairs to send a name more than once.
+    """
     pieces = list(chunks) if chunks is not None else [body]
-    raw_headers = [
-        (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
-    ]
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
+    raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -485,6 +487,36 @@ def test_delete_of_known_actor_is_verified_and_enqueued(
     headers, body = signed(alice, new_activity(alice, "Delete", object=alice.id))
     assert post(federation, headers, body).status == 202
     assert [m.args[1]["type"] for m in queued(federation.broker)] == ["Follow", "Delete"]
+
+
+def test_delete_of_follower_is_verified_and_enqueued(
+    federation: Federation, remote: RemoteServer
+) -> None:
+    # Given alice follows the bot but her key is no longer cached
+    alice = remote.add_actor("alice")
+    federation.followers.add(alice.document())
+    # When she deletes herself, the key is fetched, the Delete verified and enqueued
+    headers, body = signed(alice, new_activity(alice, "Delete", object=alice.id))
+    assert post(federation, headers, body).status == 202
+    assert remote.fetches() == ["/users/alice"]
+    assert [m.args[1]["type"] for m in queued(federation.broker)] == ["Delete"]
+
+
+def test_delete_of_follower_whose_key_is_gone_is_202_but_not_enqueued(
+    federation: Federation, remote: RemoteServer
+) -> None:
+    # Given a follower whose account (and key) is already gone
+    alice = remote.add_actor("alice")
+    federation.followers.add(alice.document())
+    alice.document_status = 410
+    headers, body = signed(alice, new_activity(alice, "Delete", object=alice.id))
+    # Then the sender is not made to retry, but nothing unverified is enqueued
+    assert post(federation, headers, body).status == 202
+    assert remote.fetches() == ["/users/alice"]
+    assert queued(federation.broker) == []
+    # While any other activity whose key cannot be fetched is refused
+    headers, body = signed(alice, new_activity(alice, "Undo"))
+    assert post(federation, headers, body).status == 401
 
 
 def test_forged_delete_of_known_actor_is_401(federation: Federation, remote: RemoteServer) -> None:

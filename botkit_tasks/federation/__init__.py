@@ -13,7 +13,9 @@ the broker:
 
 Actor names are fixed so that standard ``dramatiq`` workers find them; several
 federations may share one broker, and jobs carry the username so that each job
-finds its own :class:`Federation` again (:func:`get_federation`).
+finds its own :class:`Federation` again (:func:`get_federation`).  The first
+federation created on a broker declares the actors, so their retry options
+come from its ``delivery_options``.
 """
 
 from __future__ import annotations
@@ -126,8 +128,8 @@ class Federation:
         user_agent: str | None = None,
     ) -> None:
         # Imported here: these modules import this package for get_federation().
-        from .delivery import DeliveryOptions, declare_delivery_actors
-        from .fanout import declare_fanout_actor
+        from .delivery import DELIVER_ACTOR_NAME, DeliveryOptions, declare_delivery_actors
+        from .fanout import FANOUT_ACTOR_NAME, declare_fanout_actor
         from .followers import Followers
         from .keys import KeyResolver, load_or_create_keypair
         from .net import Fetcher
@@ -177,8 +179,13 @@ class Federation:
             registry = {}
             setattr(broker, _REGISTRY_ATTR, registry)
         registry[username] = self
-        declare_fanout_actor(self)
-        declare_delivery_actors(self)
+        # Dramatiq refuses a second actor of the same name on a broker; the
+        # first declaration serves every federation on it (jobs carry the
+        # username), so later federations reuse it.
+        if DELIVER_ACTOR_NAME not in broker.actors:
+            declare_delivery_actors(self)
+        if FANOUT_ACTOR_NAME not in broker.actors:
+            declare_fanout_actor(self)
         declare_inbox_actor(self)
 
     def __repr__(self) -> str:

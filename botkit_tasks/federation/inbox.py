@@ -218,6 +218,11 @@ class InboxApp:
         except StoreError:
             logger.exception("inbox: key-value store failed")
             return 503, "temporarily unavailable"
+        except Exception:
+            # Whatever else broke was reached by this request's content: the
+            # sender gets a 4xx (it must not retry forever) and we get the log.
+            logger.exception("inbox: request could not be processed")
+            return 400, "request could not be processed"
 
     def _handle(self, url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, str]:
         from .signatures import SignatureError, signature_key_id, verify_incoming
@@ -300,10 +305,14 @@ class InboxApp:
 
     def _knows_actor(self, actor_id: str, key_id: str) -> bool:
         """Whether we hold anything about ``actor_id``: its key cached, or it follows us."""
-        cached = self.federation.kv.get(("botkit", "remote-keys", key_id))
-        if isinstance(cached, dict) and cached.get("owner") == actor_id:
-            return True
-        return self.federation.followers.get(actor_id) is not None
+        try:
+            cached = self.federation.kv.get(("botkit", "remote-keys", key_id))
+            if isinstance(cached, dict) and cached.get("owner") == actor_id:
+                return True
+            return self.federation.followers.get(actor_id) is not None
+        except (TypeError, ValueError):
+            # Ids the store cannot even hold as keys were never stored.
+            return False
 
     def _key_unavailable(self, key_id: str) -> bool:
         try:
