@@ -26,6 +26,21 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from dramatiq.brokers.stub import StubBroker
 
 from botkit_tasks.federation import Federation, InboxContext, MalformedActivityError
+from botkit_tasks.federation.activities import (
+    PUBLIC,
+    as_list,
+    embedded,
+    first_id,
+    has_type,
+    ids,
+    is_http_url,
+    is_public,
+    mentions,
+    recipients,
+    require_actor_id,
+    types,
+)
+from botkit_tasks.federation.delivery import host_of, is_host_available, record_host_failure
 from botkit_tasks.federation.inbox import INBOX_ACTOR_NAME, INBOX_QUEUE, MAX_BODY_BYTES
 from botkit_tasks.federation.keys import generate_private_key, public_key_pem, remote_key_kv_key
 from botkit_tasks.federation.signatures import Scheme, sign_request
@@ -265,6 +280,33 @@ def test_valid_signed_activity_is_enqueued_once(
     assert messages[0].args == (USERNAME, activity, alice.id)
     # And the key was fetched once from the actor's document (the fragment stripped)
     assert remote.fetches() == ["/users/alice"]
+
+
+def test_verified_request_makes_its_host_available_again(
+    federation: Federation, remote: RemoteServer
+) -> None:
+    # Given the sender's host was marked unavailable for deliveries
+    alice = remote.add_actor("alice")
+    host = host_of(alice.id)
+    for day in range(5):
+        record_host_failure(federation.kv, host, now=time.time() - day * 86400)
+    assert not is_host_available(federation.kv, host)
+    # When it sends us a verified activity, deliveries to it resume
+    headers, body = signed(alice, new_activity(alice))
+    assert post(federation, headers, body).status == 202
+    assert is_host_available(federation.kv, host)
+
+
+def test_unverified_request_leaves_host_unavailable(
+    federation: Federation, remote: RemoteServer
+) -> None:
+    alice = remote.add_actor("alice", key=_KEYS[0])
+    host = host_of(alice.id)
+    for day in range(5):
+        record_host_failure(federation.kv, host, now=time.time() - day * 86400)
+    headers, body = signed(alice, new_activity(alice), key=_KEYS[1])
+    assert post(federation, headers, body).status == 401
+    assert not is_host_available(federation.kv, host)
 
 
 def test_shared_inbox_accepts_too(federation: Federation, remote: RemoteServer) -> None:
@@ -834,3 +876,64 @@ def test_activity_without_handler_is_a_no_op(
     _send_job(federation, new_activity(alice, "Block"), alice.id)
     run_jobs(federation)
     assert federation.broker.dead_letters == []
+
+
+# --------------------------------------------------------------------------- tolerant readers
+
+
+def test_as_list_and_ids() -> None:
+    assert as_list(None) == []
+    assert as_list("a") == ["a"]
+    assert as_list(["a", "b"]) == ["a", "b"]
+    assert first_id("https://a.example/1") == "https://a.example/1"
+    assert first_id({"id": "https://a.example/1", "type": "Note"}) == "https://a.example/1"
+    assert first_id({"type": "Link", "href": "https://a.example/2"}) == "https://a.example/2"
+    assert first_id([{"type": "Note"}, 7, "https://a.example/3"]) == "https://a.example/3"
+    assert first_id([]) is None
+    assert first_id({"id": 5}) is None
+    assert ids(["x", {"id": "y"}, "x", None, {"id": 1}]) == ["x", "y"]
+    assert embedded(["x", {"id": "y"}]) == {"id": "y"}
+    assert embedded("x") is None
+
+
+def test_types_and_addressing() -> None:
+    note = {
+        "type": ["Note", 3],
+        "to": "as:Public",
+        "cc": [{"id": "https://a.example/followers"}],
+        "tag": [
+            {"type": "Mention", "href": "https://bot.example/users/bot"},
+            {"type": "Hashtag", "href": "https://a.example/tags/x"},
+            "junk",
+        ],
+    }
+    assert types(note) == ["Note"]
+    assert has_type(note, "Note")
+    assert not has_type("Note", "Note")
+    assert is_public(note)
+    assert is_public({"cc": PUBLIC})
+    assert not is_public({"to": ["https://a.example/followers"]})
+    assert recipients(note) == {"as:Public", "https://a.example/followers"}
+    assert mentions(note) == ["https://bot.example/users/bot"]
+    assert mentions(None) == []
+
+
+@pytest.mark.parametrize(
+    ("activity", "expected"),
+    [
+        ({"actor": "https://a.example/u/1"}, "https://a.example/u/1"),
+        ({"actor": {"id": "https://a.example/u/1"}}, "https://a.example/u/1"),
+        ({"actor": ["https://a.example/u/1", "https://b.example/u/2"]}, "https://a.example/u/1"),
+    ],
+)
+def test_require_actor_id(activity: dict[str, Any], expected: str) -> None:
+    assert require_actor_id(activity) == expected
+
+
+@pytest.mark.parametrize(
+    "actor", [None, "", "urn:x", "https://", "https://a.example/" + "x" * 1000, "http://[::1"]
+)
+def test_require_actor_id_rejects(actor: Any) -> None:
+    with pytest.raises(MalformedActivityError):
+        require_actor_id({"actor": actor})
+    assert not is_http_url(actor)

@@ -225,6 +225,7 @@ class InboxApp:
             return 400, "request could not be processed"
 
     def _handle(self, url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, str]:
+        from .delivery import host_of, reset_host
         from .signatures import SignatureError, signature_key_id, verify_incoming
 
         federation = self.federation
@@ -266,6 +267,9 @@ class InboxApp:
             raise _Reject(401, "signature could not be verified") from exc
         if remote_key.owner != actor_id:
             raise _Reject(401, "signing key does not belong to the activity's actor")
+        # A host that just sent us a verified request is up again (Mastodon resets
+        # its delivery failure tracking the same way).
+        reset_host(federation.kv, host_of(actor_id))
 
         seen_key: tuple[str, ...] | None = None
         if activity_id is not None:
