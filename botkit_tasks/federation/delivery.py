@@ -17,7 +17,8 @@ other 4xx except 401/408/429                ``PERMANENT``: no retry (dead-letter
 unsafe destination (SSRF), bad message      ``PERMANENT``
 401                                         double knock: resend at once with the other
                                             signature scheme; a 2xx remembers that scheme
-                                            for the origin; a second 401 is ``RETRY``
+                                            for the origin; otherwise ``RETRY`` (a 4xx to
+                                            the unfamiliar scheme does not make it final)
 408, 429, 5xx, timeouts, network errors     ``RETRY`` with exponential backoff and jitter,
                                             ``Retry-After`` honoured; a failure day
                                             recorded for the host
@@ -29,6 +30,14 @@ URL nobody vetted.  Mastodon follows up to three hops and retries whatever it
 ends on that is neither 2xx nor a 4xx, so a final 3xx is retried there; we
 do the same (``RETRY``), which also records failure days so that a host that
 keeps redirecting its inbox ends up marked unavailable.
+
+Unlike Mastodon, a 501 is retried like every other 5xx, as DESIGN §3 says.
+
+Timeouts: httpx enforces the connect timeout and a per-read/write timeout;
+the total deadline is checked while the response body is read (reading stops
+there, and the status already received decides).  A server trickling its
+*headers* is bounded by the per-read timeout per chunk and, in the worker, by
+the actor's Dramatiq ``time_limit``.
 
 Retries use Dramatiq's own machinery: the actor's ``max_retries``,
 ``min_backoff`` and ``max_backoff`` options (``compute_backoff`` doubles the
