@@ -399,6 +399,34 @@ class Bot:
             self.federation.send(follow, [str(remote["inbox"])])
         return follow_id
 
+    def unfollow(self, actor_id: str) -> str | None:
+        """Send an ``Undo`` of the ``Follow`` sent to ``actor_id``; return the Undo's id.
+
+        Returns ``None`` (and sends nothing) when the bot does not follow ``actor_id``.
+        """
+        key = ("botkit", self.username, "following", actor_id)
+        record = self.kv.get(key)
+        if not isinstance(record, dict):
+            return None
+        follow_id = str(record["follow"])
+        undo = {
+            "@context": AS_CONTEXT,
+            "id": f"{follow_id}/undo",
+            "type": "Undo",
+            "actor": self.actor_id,
+            "object": {
+                "id": follow_id,
+                "type": "Follow",
+                "actor": self.actor_id,
+                "object": actor_id,
+            },
+        }
+        with self._atomic():
+            self.kv.delete(key)
+            self.kv.delete(("botkit", self.username, "sent-follows", follow_id))
+            self.federation.send(undo, [str(record["inbox"])])
+        return str(undo["id"])
+
     def is_following(self, actor_id: str) -> bool:
         """Whether a ``Follow`` the bot sent to ``actor_id`` has been accepted."""
         record = self.kv.get(("botkit", self.username, "following", actor_id))
@@ -413,6 +441,15 @@ class Bot:
         """How many public notes the bot has published."""
         value = self.kv.get(("botkit", self.username, "notes-count"))
         return value if isinstance(value, int) else 0
+
+    def close(self) -> None:
+        """Close the HTTP clients the bot created; idempotent.
+
+        The key-value store and the broker were handed in, so they stay open.
+        """
+        close = getattr(self.federation, "close", None)
+        if close is not None:
+            close()
 
     def asgi_app(self) -> BotApp:
         """The bot's ASGI application: WebFinger, actor, inboxes, collections and notes.

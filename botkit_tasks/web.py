@@ -305,9 +305,13 @@ def _decode_cursor(page: str) -> str | None:
     if page in ("", "true", "1"):
         return None
     try:
-        return base64.urlsafe_b64decode(page + "=" * (-len(page) % 4)).decode("utf-8")
+        padded = page + "=" * (-len(page) % 4)
+        after = base64.b64decode(padded, altchars=b"-_", validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise _BadCursor(page) from None
+    if not after:
+        raise _BadCursor(page)
+    return after
 
 
 def _is_public(note: Any) -> bool:

@@ -578,6 +578,8 @@ class Demo:
         for server in self._servers:
             server.stop()
         self._servers = []
+        if self.bot is not None:
+            self.bot.close()
         for closer in ("broker", "kv"):
             obj = getattr(self, closer, None)
             if obj is not None:
