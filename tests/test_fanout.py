@@ -216,3 +216,91 @@ def test_fanout_on_sql_broker_sqlite_uses_enqueue_many(sqlite_url: str) -> None:
 )
 def test_fast_host_agrees_with_host_of(url: str) -> None:
     assert _host(url) == host_of(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def stores(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[tuple[Any, Any]]:
+    """A KV store and a broker of the same technology, isolated and removed afterwards."""
+    from conftest import unique_name
+
+    name = unique_name("fo")
+    if request.param == "redis":
+        import redis
+        from dramatiq.brokers.redis import RedisBroker
+
+        from botkit_tasks.kv import RedisKvStore
+
+        url = request.getfixturevalue("redis_url")
+        kv = RedisKvStore(url, key_prefix=f"{name}-kv:")
+        broker = RedisBroker(url=url, namespace=f"{name}-mq")
+        yield kv, broker
+        broker.flush_all()
+        broker.close()
+        client = redis.Redis.from_url(url)
+        for key in client.scan_iter(match=f"{name}-*"):
+            client.delete(key)
+        client.close()
+        kv.close()
+        return
+    import sqlalchemy as sa
+
+    from botkit_tasks.brokers.sql import SqlBroker
+    from botkit_tasks.kv import SqlKvStore
+
+    url = (
+        request.getfixturevalue("database_url")
+        if request.param == "postgres"
+        else f"sqlite:///{tmp_path}/fanout.sqlite3"
+    )
+    kv = SqlKvStore(url, table_name=f"{name}_kv")
+    broker = SqlBroker(url, table_prefix=f"{name}_")
+    yield kv, broker
+    broker.drop_tables()
+    broker.close()
+    with kv.engine.begin() as conn:
+        conn.execute(sa.text(f'DROP TABLE IF EXISTS "{kv.table_name}"'))
+    kv.close()
+
+
+def test_fanout_on_every_backend_enqueues_each_inbox_once(stores: tuple[Any, Any]) -> None:
+    # Given 350 followers (50 behind one shared inbox) in a real store and broker
+    kv, broker = stores
+    fed = Federation(kv=kv, broker=broker, base_url="https://bot.example", username="bot")
+    for n in range(300):
+        fed.followers.add(
+            {"id": f"https://h{n:04d}.example/u", "inbox": f"https://h{n:04d}.example/i"}
+        )
+    for n in range(50):
+        fed.followers.add(
+            {
+                "id": f"https://big.example/u{n}",
+                "inbox": f"https://big.example/u{n}/inbox",
+                "sharedInbox": "https://big.example/inbox",
+            }
+        )
+    # When the activity is published and the fan-out job runs
+    fed.publish(ACTIVITY)
+    fanout_consumer = broker.consume("botkit.fanout", timeout=200)
+    job = next(fanout_consumer)
+    while job is None:
+        job = next(fanout_consumer)
+    broker.get_actor("botkit_fanout")(*job.args)
+    fanout_consumer.ack(job)
+    fanout_consumer.close()
+    # Then the outbox holds exactly one small message per distinct inbox
+    consumer = broker.consume("botkit.outbox", timeout=200)
+    inboxes: list[str] = []
+    idle = 0
+    while idle < 3:
+        message = next(consumer)
+        if message is None:
+            idle += 1
+            continue
+        assert message.args[:2] == ("bot", ACTIVITY["id"]) and not message.kwargs
+        inboxes.append(message.args[2])
+        consumer.ack(message)
+    consumer.close()
+    assert len(inboxes) == 301
+    assert set(inboxes) == {f"https://h{n:04d}.example/i" for n in range(300)} | {
+        "https://big.example/inbox"
+    }

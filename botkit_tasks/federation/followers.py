@@ -61,6 +61,10 @@ class Followers:
         """
         record = _record_from(actor)
         key = self._key(str(record["id"]))
+        # A new follower is the common case: one round trip when it is.
+        if self.kv.cas(key, None, record):
+            self._bump(1)
+            return record
         for _ in range(_MAX_CAS_ATTEMPTS):
             current = self.kv.get(key)
             if isinstance(current, dict) and "followedAt" in current:
