@@ -22,6 +22,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -116,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Import MODULE, take its Bot object (attribute BOT, default 'bot'), serve "
             "bot.asgi_app() with uvicorn and run Dramatiq workers as threads in the same "
-            "process. For production run uvicorn and `dramatiq MODULE` separately."
+            "process. --database-url/--redis-url/--prefix are passed to the module through "
+            "the environment (for bots that use from_env()). For production run uvicorn and "
+            "`dramatiq MODULE` separately."
         ),
     )
     run.add_argument("target", metavar="MODULE[:BOT]", help="e.g. mybot:bot")
@@ -464,15 +467,33 @@ def load_bot(target: str) -> Bot:
     return obj
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     import dramatiq
     import uvicorn
 
-    if any(hasattr(args, name) for name in ("database_url", "redis_url", "prefix")):
-        # The bot module builds its own backends (usually with from_env()).
-        raise ConfigurationError(
-            "run: the bot module chooses its backends; set DATABASE_URL/REDIS_URL instead"
-        )
+    # The bot module builds its own backends, usually with from_env(): pass the
+    # command-line choices on through the environment it reads.
+    if hasattr(args, "database_url") or hasattr(args, "redis_url"):
+        for name in (
+            "DATABASE_URL",
+            "REDIS_URL",
+            "REDIS_HOST",
+            "REDIS_PORT",
+            "REDIS_PASSWORD",
+            "REDIS_TLS",
+            "BOTKIT_BACKEND",
+        ):
+            os.environ.pop(name, None)
+        if hasattr(args, "database_url"):
+            os.environ["DATABASE_URL"] = args.database_url
+        if hasattr(args, "redis_url"):
+            os.environ["REDIS_URL"] = args.redis_url
+    if hasattr(args, "prefix"):
+        os.environ["BOTKIT_PREFIX"] = args.prefix
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -491,13 +512,19 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     print(f"Serving {bot.actor_id} on http://{args.host}:{args.port} (Ctrl-C stops)", file=out)
     config = uvicorn.Config(bot.asgi_app(), host=args.host, port=args.port, log_level="info")
     server = uvicorn.Server(config)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn stops gracefully on SIGINT/SIGTERM and then re-raises the signal
+        # through the previous handler: make SIGTERM unwind like Ctrl-C so the
+        # workers below are stopped too.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         server.run()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C or SIGTERM: a normal way to stop a server
     finally:
         if worker is not None:
-            # Dramatiq's stop() waits for running jobs; a second Ctrl-C aborts it.
-            stopper = threading.Thread(target=worker.stop, kwargs={"timeout": 10_000})
-            stopper.start()
-            stopper.join()
+            # Waits up to 10 s for running jobs; unfinished ones are redelivered later.
+            worker.stop(timeout=10_000)
+        bot.close()
         bot.broker.close()
     return EXIT_OK
