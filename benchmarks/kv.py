@@ -7,7 +7,9 @@ and decoding included):
 * ``SqlKvStore`` on SQLite vs ``sqlite3`` (WAL, ``synchronous=NORMAL``, the
   pragmas botkit-tasks sets), statements in autocommit;
 * ``SqlKvStore`` on PostgreSQL vs psycopg 3 in autocommit (prepared
-  statements after the fifth execution, psycopg's default);
+  statements after the fifth execution, psycopg's default) — once with the
+  engine a URL gives (``pool_pre_ping=True``) and once (``pg-noping``) with the
+  same engine without the pre-ping, to show what that round trip costs;
 * ``RedisKvStore`` vs redis-py ``GET``/``SET``/``MGET``, and a ``WATCH``-free
   check-and-set done as a Lua script for ``cas``.
 
@@ -42,8 +44,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from botkit_tasks._sql import create_engine  # noqa: E402
-from botkit_tasks.kv import KvStore, MemoryKvStore, RedisKvStore, SqlKvStore  # noqa: E402
+from botkit_tasks._sql import create_engine
+from botkit_tasks.kv import KvStore, MemoryKvStore, RedisKvStore, SqlKvStore
 
 DATABASE_URL = os.environ.get(
     "BOTKIT_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -172,12 +174,18 @@ def sqlite_pair(tmp: str) -> Iterator[tuple[KvStore, dict[str, Runner]]]:
 
 
 @contextmanager
-def postgres_pair() -> Iterator[tuple[KvStore, dict[str, Runner]]]:
+def postgres_pair(pre_ping: bool = True) -> Iterator[tuple[KvStore, dict[str, Runner]]]:
     import psycopg
 
     suffix = uuid.uuid4().hex[:8]
     table, raw_table = f"bench_kv_{suffix}", f"bench_raw_{suffix}"
-    store = SqlKvStore(DATABASE_URL, table_name=table)
+    if pre_ping:
+        # What users get from a URL: botkit_tasks._sql.create_engine's defaults.
+        store = SqlKvStore(DATABASE_URL, table_name=table)
+    else:
+        # The same engine without pool_pre_ping (one round trip less per operation).
+        engine = create_engine(DATABASE_URL, pool_pre_ping=False)
+        store = SqlKvStore(engine, table_name=table)
     dsn = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
     conn = psycopg.connect(dsn, autocommit=True)
     conn.execute(
@@ -190,6 +198,8 @@ def postgres_pair() -> Iterator[tuple[KvStore, dict[str, Runner]]]:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
         conn.close()
         store.close()
+        if not pre_ping:
+            store.engine.dispose()
 
 
 @contextmanager
@@ -293,7 +303,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short run (noisier numbers)")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
     parser.add_argument(
-        "--backends", default="memory,sqlite,postgres,redis", help="comma-separated subset"
+        "--backends",
+        default="memory,sqlite,postgres,pg-noping,redis",
+        help="comma-separated subset",
     )
     args = parser.parse_args()
     reps = args.reps or (3 if args.quick else 7)
@@ -310,6 +322,11 @@ def main() -> int:
                 {"get": 4000, "set": 2000, "cas": 2000, "list": 100},
             ),
             ("postgres", postgres_pair, {"get": 600, "set": 300, "cas": 300, "list": 60}),
+            (
+                "pg-noping",
+                lambda: postgres_pair(pre_ping=False),
+                {"get": 600, "set": 300, "cas": 300, "list": 60},
+            ),
             ("redis", redis_pair, {"get": 1000, "set": 1000, "cas": 1000, "list": 60}),
         ]
         for name, make, counts in pairs:

@@ -212,11 +212,11 @@ def test_ttl_zero_expires_at_once(kv: KvStore) -> None:
 
 
 def test_millisecond_ttl_expires(kv: KvStore) -> None:
-    kv.set(("short",), "v", ttl=0.25)
+    kv.set(("short",), "v", ttl=0.5)
+    assert kv.get(("short",)) == "v"
     kv.set(("long",), "v", ttl=3600)
     kv.set(("longer",), "v", ttl=timedelta(days=365))
-    assert kv.get(("short",)) == "v"
-    wait_past(0.25)
+    wait_past(0.5)
     # Then the short one is invisible to get, list and cas; the long ones stay
     assert kv.get(("short",)) is None
     assert [k for k, _ in kv.list()] == [("long",), ("longer",)]
@@ -226,17 +226,17 @@ def test_millisecond_ttl_expires(kv: KvStore) -> None:
 
 
 def test_reset_restarts_the_clock_and_no_ttl_clears_it(kv: KvStore) -> None:
-    kv.set(("refreshed",), 1, ttl=0.4)
-    kv.set(("cleared",), 1, ttl=0.4)
-    time.sleep(0.25)
+    kv.set(("refreshed",), 1, ttl=0.8)
+    kv.set(("cleared",), 1, ttl=0.8)
+    time.sleep(0.5)
     # Re-set with a new TTL restarts the clock; without a TTL, removes the expiry
-    kv.set(("refreshed",), 2, ttl=0.4)
+    kv.set(("refreshed",), 2, ttl=0.8)
     kv.set(("cleared",), 2)
-    time.sleep(0.25)
-    # 0.5 s after the first set: both would have expired without the re-set
+    time.sleep(0.5)
+    # 1 s after the first set: both would have expired without the re-set
     assert kv.get(("refreshed",)) == 2
     assert kv.get(("cleared",)) == 2
-    wait_past(0.4)
+    wait_past(0.8)
     assert kv.get(("refreshed",)) is None
     assert kv.get(("cleared",)) == 2
 
@@ -282,9 +282,9 @@ def test_cas_equality_is_structural_json_equality(kv: KvStore) -> None:
 
 
 def test_cas_treats_expired_as_absent(kv: KvStore) -> None:
-    kv.set(("k",), "old", ttl=0.1)
+    kv.set(("k",), "old", ttl=0.5)
     assert kv.cas(("k",), None, "new") is False
-    wait_past(0.1)
+    wait_past(0.5)
     assert kv.cas(("k",), "old", "x") is False
     assert kv.cas(("k",), None, "new") is True
     assert kv.get(("k",)) == "new"
@@ -318,15 +318,15 @@ def test_cas_ttl(kv: KvStore) -> None:
     assert kv.get(("k",)) is None
     assert kv.cas(("k",), 5, 2, ttl=0) is False
     # A TTL applies to the new value
-    assert kv.cas(("k",), None, "v", ttl=0.2) is True
+    assert kv.cas(("k",), None, "v", ttl=0.5) is True
     assert kv.get(("k",)) == "v"
-    assert kv.cas(("k",), "v", "w", ttl=timedelta(milliseconds=200)) is True
-    wait_past(0.2)
+    assert kv.cas(("k",), "v", "w", ttl=timedelta(milliseconds=500)) is True
+    wait_past(0.5)
     assert kv.get(("k",)) is None
     # Without a TTL the swapped value does not expire
-    kv.set(("p",), "a", ttl=0.2)
+    kv.set(("p",), "a", ttl=0.5)
     assert kv.cas(("p",), "a", "b") is True
-    wait_past(0.2)
+    wait_past(0.5)
     assert kv.get(("p",)) == "b"
 
 
@@ -836,6 +836,14 @@ def test_redis_errors_are_store_errors(redis_url: str) -> None:
     with pytest.raises(StoreError) as info:
         store.get(("k",))
     assert isinstance(info.value.__cause__, redis.RedisError)
+    store.close()
+
+
+def test_sql_driver_errors_are_store_errors() -> None:
+    store = SqlKvStore("postgresql://postgres@127.0.0.1:1/test?connect_timeout=2")
+    with pytest.raises(StoreError) as info:
+        store.get(("k",))
+    assert isinstance(info.value.__cause__, sa.exc.DBAPIError)
     store.close()
 
 
