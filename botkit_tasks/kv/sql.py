@@ -42,8 +42,6 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 from .._sql import (
     ambient_connection,
-    is_postgres,
-    is_sqlite,
     on_commit,
     resolve_engine,
     transaction,
@@ -85,6 +83,9 @@ _NOW = {
 
 _T = TypeVar("_T")
 
+# Drivers whose parameter style the statements are written in.
+_DRIVERS = {("postgresql", "psycopg"), ("postgresql", "psycopg2"), ("sqlite", "pysqlite")}
+
 # psycopg.pq.TransactionStatus.IDLE: connected, no transaction open.
 _PG_IDLE = 0
 
@@ -122,9 +123,10 @@ class SqlKvStore:
                 f"not starting with a digit: {table_name!r}"
             )
         engine, self._owns_engine = resolve_engine(url_or_engine)
-        if not (is_postgres(engine) or is_sqlite(engine)):
+        if (engine.dialect.name, engine.dialect.driver) not in _DRIVERS:
             raise ConfigurationError(
-                f"SqlKvStore supports PostgreSQL and SQLite, not {engine.dialect.name}"
+                "SqlKvStore supports PostgreSQL through psycopg (3 or 2) and SQLite "
+                f"through sqlite3, not {engine.dialect.name}+{engine.dialect.driver}"
             )
         self.engine: Engine = engine
         self.table_name: str = table_name
@@ -134,7 +136,8 @@ class SqlKvStore:
         self._closed = False
         self._sql = _statements(engine, table_name)
         self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
-        self._postgres = is_postgres(engine)
+        # Only psycopg 3 is switched to autocommit for single statements (see _run).
+        self._postgres = engine.dialect.driver == "psycopg"
 
     # -- plumbing ---------------------------------------------------------------
 
