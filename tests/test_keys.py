@@ -145,11 +145,17 @@ def test_racing_workers_agree_on_one_key(backend: str, sqlite_url: str) -> None:
     kv: KvStore = MemoryKvStore() if backend == "memory" else SqlKvStore(sqlite_url)
     barrier = threading.Barrier(8)
     results: list[rsa.RSAPrivateKey] = []
+    errors: list[BaseException] = []
     lock = threading.Lock()
 
     def worker() -> None:
         barrier.wait()
-        got = load_or_create_keypair(kv, "bot")
+        try:
+            got = load_or_create_keypair(kv, "bot")
+        except BaseException as exc:  # reported by the assertion below, with its cause
+            with lock:
+                errors.append(exc)
+            return
         with lock:
             results.append(got)
 
@@ -163,6 +169,7 @@ def test_racing_workers_agree_on_one_key(backend: str, sqlite_url: str) -> None:
     stored = kv.get(keypair_kv_key("bot"))
     assert isinstance(stored, dict)
     numbers = {r.public_key().public_numbers() for r in results}
+    assert errors == []
     assert len(results) == 8
     assert numbers == {load_public_key_pem(str(stored["public"])).public_numbers()}
     kv.close()
