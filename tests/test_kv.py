@@ -25,6 +25,8 @@ import pytest
 import redis
 import sqlalchemy as sa
 from conftest import unique_name
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from botkit_tasks import StoreError, atomic
 from botkit_tasks._sql import create_engine
@@ -852,3 +854,24 @@ def test_json_canonical_form_is_shared() -> None:
 
     assert encode_value({"b": 1, "a": [True, None, "é"]}) == '{"a":[true,null,"é"],"b":1}'
     assert json.loads(encode_value(2**100)) == 2**100
+
+
+_part = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8
+)
+_key = st.lists(_part, min_size=1, max_size=4).map(tuple)
+
+
+@given(a=_key, b=_key)
+@settings(max_examples=300, deadline=None)
+def test_packed_keys_sort_and_nest_like_python_tuples(
+    a: tuple[str, ...], b: tuple[str, ...]
+) -> None:
+    from botkit_tasks.kv._codec import pack_key, pack_prefix, unpack_key
+
+    pa, pb = pack_key(a), pack_key(b)
+    assert unpack_key(pa) == a
+    # Byte order is tuple order, parts compared by code point
+    assert (pa < pb) == (a < b)
+    # An element-wise prefix is exactly a byte prefix
+    assert pb.startswith(pack_prefix(a)) == (b[: len(a)] == a)
