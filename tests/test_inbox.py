@@ -22,6 +22,7 @@ import httpx
 import pytest
 import uvicorn
 from _http_server import Reply, Request, ScriptedServer
+from conftest import unique_name
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from dramatiq.brokers.stub import StubBroker
 
@@ -937,3 +938,97 @@ def test_require_actor_id_rejects(actor: Any) -> None:
     with pytest.raises(MalformedActivityError):
         require_actor_id({"actor": actor})
     assert not is_http_url(actor)
+
+
+# --------------------------------------------------------------------------- real backends
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def backend_federation(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Federation]:
+    """A federation on a real key-value store and broker, removed afterwards."""
+    prefix = unique_name("inbox_")
+    if request.param in ("sqlite", "postgres"):
+        import sqlalchemy as sa
+
+        from botkit_tasks._sql import create_engine
+        from botkit_tasks.brokers.sql import SqlBroker
+        from botkit_tasks.kv.sql import SqlKvStore
+
+        url = (
+            f"sqlite:///{tmp_path}/inbox.sqlite3"
+            if request.param == "sqlite"
+            else request.getfixturevalue("database_url")
+        )
+        engine = create_engine(url)
+        kv: Any = SqlKvStore(engine, table_name=f"{prefix}_kv")
+        broker: dramatiq.Broker = SqlBroker(engine, table_prefix=f"{prefix}_", poll_interval=0.1)
+        fed = Federation(
+            kv=kv,
+            broker=broker,
+            base_url=BASE_URL,
+            username=USERNAME,
+            allow_private_addresses=True,
+        )
+        yield fed
+        fed.close()
+        broker.close()
+        broker.drop_tables()  # type: ignore[attr-defined]
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{prefix}_kv"'))
+        engine.dispose()
+        return
+
+    import redis
+    from dramatiq.brokers.redis import RedisBroker
+
+    from botkit_tasks.kv.redis import RedisKvStore
+
+    client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+    kv = RedisKvStore(client, key_prefix=f"{prefix}:")
+    broker = RedisBroker(client=client, namespace=f"{prefix}-dq")
+    fed = Federation(
+        kv=kv, broker=broker, base_url=BASE_URL, username=USERNAME, allow_private_addresses=True
+    )
+    yield fed
+    fed.close()
+    broker.close()
+    for pattern in (f"{prefix}:*", f"{prefix}-dq:*"):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+    client.close()
+
+
+def test_concurrent_duplicates_on_real_backends(
+    backend_federation: Federation, remote: RemoteServer
+) -> None:
+    # Given one signed activity delivered 8 times at once (a sender retrying eagerly)
+    fed = backend_federation
+    calls: list[str] = []
+    fed.on("Follow", lambda ctx, act: calls.append(act["id"]))
+    alice = remote.add_actor("alice")
+    activity = new_activity(alice)
+    requests = [signed(alice, activity) for _ in range(8)]
+    barrier = threading.Barrier(len(requests))
+    statuses: list[int] = []
+
+    def deliver(headers: dict[str, str], body: bytes) -> None:
+        barrier.wait()
+        statuses.append(fed.inbox_app.handle(INBOX_URL, headers, body)[0])
+
+    threads = [threading.Thread(target=deliver, args=r) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # Then every copy is answered 202, and a worker runs the handler exactly once
+    assert statuses == [202] * 8
+    worker = dramatiq.Worker(fed.broker, worker_timeout=100, worker_threads=2)
+    worker.start()
+    try:
+        fed.broker.join(INBOX_QUEUE, timeout=30_000)
+        time.sleep(0.3)  # a second (wrongly enqueued) copy would have run by now
+    finally:
+        worker.stop()
+    assert calls == [activity["id"]]
+    assert fed.kv.get(("botkit", USERNAME, "seen", activity["id"])) == 1

@@ -169,6 +169,9 @@ class Federation:
             allow_private_addresses=self.allow_private_addresses,
             **fetcher_options,
         )
+        # Create the HTTP client now: Fetcher creates it lazily without a lock, and
+        # the inbox's first burst of concurrent key fetches would each build one.
+        self.fetcher.client  # noqa: B018
         self.keys: KeyResolver = KeyResolver(kv, self.fetcher)
         self.followers: Followers = Followers(kv, username)
         self.inbox_app: InboxApp = InboxApp(self)
