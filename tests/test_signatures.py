@@ -171,6 +171,16 @@ def test_host_header_is_the_authority_without_default_port(
     assert verify(key, headers, url=url).scheme == "draft-cavage"
 
 
+@pytest.mark.parametrize("scheme", ["draft-cavage", "rfc9421"])
+def test_signs_the_url_as_sent_on_the_wire(key: rsa.RSAPrivateKey, scheme: str) -> None:
+    # Given a URL with a non-ASCII host, a space and a non-ASCII query
+    headers = signed(key, scheme, url="https://bücher.example/a b?q=ü")
+    # Then Host is IDNA-encoded and the signature covers the encoded target
+    assert headers["Host"] == "xn--bcher-kva.example"
+    wire = "https://xn--bcher-kva.example/a%20b?q=%C3%BC"
+    assert verify(key, headers, url=wire).scheme == scheme
+
+
 def test_rfc9421_post_signature_base(key: rsa.RSAPrivateKey) -> None:
     # Given an RFC 9421 delivery signed at a fixed time
     headers = signed(key, "rfc9421")

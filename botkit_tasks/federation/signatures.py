@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import http_sf
+import httpx
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -612,6 +613,12 @@ def sign_request(
     if scheme not in ("draft-cavage", "rfc9421"):
         raise ValueError(f"unknown signature scheme {scheme!r}")
     when = time.time() if now is None else now
+    # Sign what goes on the wire: httpx sends IDNA hosts, percent-encoded
+    # paths and no default port, and the receiver verifies against those.
+    try:
+        url = str(httpx.URL(url))
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise SignatureError(f"invalid URL {url!r}: {exc}") from exc
     authority, _, _ = _split_url(url)
     replaced = {"host", "date", "digest", "content-digest", "signature", "signature-input"}
     out = {name: value for name, value in headers.items() if name.lower() not in replaced}
