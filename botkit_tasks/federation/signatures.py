@@ -10,6 +10,11 @@ Outgoing requests are signed with :func:`sign_request` at send time (a fresh
   ``(request-target)``, ``host``, ``date`` or ``(created)``, and ``digest``
   whenever the request has a body; the ``Digest`` must be ``SHA-256=`` of the
   exact body bytes; ``Date``/``(created)`` within ``max_skew`` of now.
+  ``(request-target)`` is checked with the query, then without it: Mastodon
+  and the draft include the query, older Mastodon and Fedify leave it out
+  (such a signature does not authenticate the query, as in Mastodon).
+  (So Fedify rejects our cavage signatures of URLs *with* a query; RFC 9421,
+  the double knock's second scheme, has no such ambiguity.)
 - **RFC 9421** (``Signature-Input`` + ``Signature``, detected by the presence of
   ``Signature-Input``): exactly one signature, ``created`` required and within
   ``max_skew``, ``@method`` and ``@target-uri`` covered, ``content-digest``
