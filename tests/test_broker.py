@@ -232,7 +232,6 @@ def test_delayed_message_runs_after_its_eta_and_not_before(backend: Backend) -> 
         assert wait_until(lambda: len(ran_at) == 2, 10)
 
     elapsed = ran_at[1] - sent
-    print("ELAPSED", elapsed)
     assert elapsed >= 0.5
     # SqlBroker sets a timer for the ETA; RedisBroker polls with backoff.
     assert elapsed < (0.8 if backend.is_sql else 2.0), elapsed

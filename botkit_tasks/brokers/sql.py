@@ -71,15 +71,23 @@ ENQUEUE_ATTEMPTS = 6
 #: Most ids in one ``IN (...)`` list (SQLite caps bound parameters).
 _CHUNK = 5000
 
+# States are rendered as literals, never bound: with a bound value a prepared
+# (generic) plan cannot prove "state = 'queued'" and skips the partial index.
+QUEUED: sa.ColumnElement[str] = sa.literal_column("'queued'")
+CONSUMED: sa.ColumnElement[str] = sa.literal_column("'consumed'")
+DEAD: sa.ColumnElement[str] = sa.literal_column("'dead'")
+
 _PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
 
 
 def _now_ms(engine: Engine) -> sa.ColumnElement[int]:
     if is_postgres(engine):
-        # clock_timestamp(), not now(): inside a long atomic() block now() is the
-        # start of the transaction, which would make due times drift.
+        # statement_timestamp(): unlike now() it does not stick to the start of
+        # a long atomic() block, and unlike clock_timestamp() it is STABLE, so
+        # the planner can use it as a bound of the ready-index scan.
         return sa.cast(
-            sa.func.floor(sa.extract("epoch", sa.func.clock_timestamp()) * 1000), sa.BigInteger
+            sa.func.floor(sa.extract("epoch", sa.func.statement_timestamp()) * 1000),
+            sa.BigInteger,
         )
     return sa.cast((sa.func.julianday("now") - 2440587.5) * 86400000.0, sa.BigInteger)
 
@@ -112,7 +120,7 @@ def _define_tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("data", sa.LargeBinary, nullable=False),
         sqlite_autoincrement=True,
     )
-    queued = messages.c.state == "queued"
+    queued = messages.c.state == QUEUED
     sa.Index(
         f"{prefix}messages_ready_idx",
         messages.c.queue_name,
@@ -268,14 +276,14 @@ class SqlBroker(dramatiq.Broker):
         self._insert = m.insert().values(
             available_at=now + sa.bindparam("delay_ms", type_=sa.BigInteger),
             enqueued_at=now,
-            state="queued",
+            state=QUEUED,
         )
         self._notify = sa.select(sa.func.pg_notify(self.channel, sa.bindparam("queue")))
         pick = (
             sa.select(m.c.id)
             .where(
                 m.c.queue_name == sa.bindparam("queue"),
-                m.c.state == "queued",
+                m.c.state == QUEUED,
                 m.c.available_at <= now,
             )
             .order_by(m.c.available_at, m.c.id)
@@ -285,12 +293,23 @@ class SqlBroker(dramatiq.Broker):
         self._claim = (
             m.update()
             .where(m.c.id.in_(pick.scalar_subquery()))
-            .values(state="consumed", worker_id=sa.bindparam("worker"), consumed_at=now)
+            .values(state=CONSUMED, worker_id=sa.bindparam("worker"), consumed_at=now)
             .returning(m.c.id, m.c.available_at, m.c.data)
         )
+        if self.is_postgres:
+            # The pending acks ride along with the claim: one statement, one
+            # round trip, one commit per batch.
+            acked = (
+                m.delete()
+                .where(
+                    m.c.id == sa.any_(sa.bindparam("acks", type_=pg_dialect.ARRAY(sa.BigInteger)))
+                )
+                .cte("acked")
+            )
+            self._ack_and_claim = self._claim.add_cte(acked)
         self._next_due = sa.select(sa.func.min(m.c.available_at) - now).where(
             m.c.queue_name == sa.bindparam("queue"),
-            m.c.state == "queued",
+            m.c.state == QUEUED,
             m.c.available_at > now,
         )
         self._delete = m.delete().where(m.c.id.in_(sa.bindparam("ids", expanding=True)))
@@ -482,7 +501,7 @@ class SqlBroker(dramatiq.Broker):
         count = (
             sa.select(sa.func.count())
             .select_from(m)
-            .where(m.c.queue_name.in_(names), m.c.state.in_(("queued", "consumed")))
+            .where(m.c.queue_name.in_(names), m.c.state.in_((QUEUED, CONSUMED)))
         )
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while True:
@@ -505,7 +524,7 @@ class SqlBroker(dramatiq.Broker):
         names = [q_name(queue_name), dq_name(queue_name)]
         query = (
             sa.select(m.c.data)
-            .where(m.c.queue_name.in_(names), m.c.state == "dead")
+            .where(m.c.queue_name.in_(names), m.c.state == DEAD)
             .order_by(m.c.dead_at, m.c.id)
         )
         result = []
@@ -531,15 +550,15 @@ class SqlBroker(dramatiq.Broker):
         m = self.messages
         canonical = q_name(queue_name)
         query = sa.select(m.c.id, m.c.data).where(
-            m.c.queue_name.in_([canonical, dq_name(canonical)]), m.c.state == "dead"
+            m.c.queue_name.in_([canonical, dq_name(canonical)]), m.c.state == DEAD
         )
         if message_ids is not None:
             query = query.where(m.c.message_id.in_(list(message_ids)))
         update = (
             m.update()
-            .where(m.c.id == sa.bindparam("row_id"), m.c.state == "dead")
+            .where(m.c.id == sa.bindparam("row_id"), m.c.state == DEAD)
             .values(
-                state="queued",
+                state=QUEUED,
                 queue_name=canonical,
                 available_at=self._now,
                 dead_at=None,
@@ -628,16 +647,11 @@ class SqlBroker(dramatiq.Broker):
     def _acks_due(self, now: float) -> bool:
         return bool(self._acks) and now - self._acks_since >= ACK_DELAY
 
-    def _flush_acks(self, conn: Connection) -> Callable[[], None]:
-        """DELETE the pending acks on ``conn`` (in its transaction).
-
-        Returns a function that puts the ids back; call it if the transaction
-        fails so that no ack is lost.
-        """
+    def _take_acks(self) -> tuple[list[int], Callable[[], None]]:
+        """Take the pending acks; call the returned function to put them back
+        if the statement deleting them fails, so that no ack is lost."""
         with self._lock:
             ids, self._acks = self._acks, []
-        for chunk in _chunks(ids):
-            conn.execute(self._delete, {"ids": chunk})
 
         def restore() -> None:
             with self._lock:
@@ -645,6 +659,17 @@ class SqlBroker(dramatiq.Broker):
                     self._acks_since = time.monotonic()
                 self._acks.extend(ids)
 
+        return ids, restore
+
+    def _flush_acks(self, conn: Connection) -> Callable[[], None]:
+        """DELETE the pending acks on ``conn``; returns the restore function."""
+        ids, restore = self._take_acks()
+        try:
+            for chunk in _chunks(ids):
+                conn.execute(self._delete, {"ids": chunk})
+        except BaseException:
+            restore()
+            raise
         return restore
 
     # -- maintenance ---------------------------------------------------------------
@@ -677,10 +702,10 @@ class SqlBroker(dramatiq.Broker):
                 conn.execute(
                     m.update()
                     .where(
-                        m.c.state == "consumed",
+                        m.c.state == CONSUMED,
                         sa.or_(m.c.worker_id.is_(None), m.c.worker_id.not_in(live)),
                     )
-                    .values(state="queued", worker_id=None, consumed_at=None)
+                    .values(state=QUEUED, worker_id=None, consumed_at=None)
                     .returning(m.c.queue_name)
                 )
                 .scalars()
@@ -689,7 +714,7 @@ class SqlBroker(dramatiq.Broker):
             conn.execute(w.delete().where(w.c.heartbeat_at < cutoff))
             conn.execute(
                 m.delete().where(
-                    m.c.state == "dead",
+                    m.c.state == DEAD,
                     m.c.dead_at < self._now - int(self.dead_message_ttl * 1000),
                 )
             )
@@ -740,7 +765,18 @@ class _SqlConsumer(Consumer):
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             if self._conn is not None:
                 self._conn.close()
-            self._conn = self.broker.engine.connect()
+            conn = self.broker.engine.connect()
+            if self.broker.is_postgres:
+                # Claims and acks need no durable commit: a claim or an ack lost
+                # in a server crash only means the message runs again, which
+                # at-least-once delivery allows.  Enqueues stay durable: they
+                # use other (pooled) connections.  Autocommit makes each claim
+                # one round trip; the connection is discarded on close so these
+                # settings never reach the pool.
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql("SET synchronous_commit TO off")
+                conn.commit()  # ends SQLAlchemy's autobegun (no-op) transaction
+            self._conn = conn
         return self._conn
 
     def __next__(self) -> SqlMessageProxy | None:
@@ -815,31 +851,34 @@ class _SqlConsumer(Consumer):
         return now >= self._coalesce_until
 
     def _claim(self, limit: int) -> bool:
-        """Flush acks, heartbeat if due, claim up to ``limit`` rows: one transaction."""
+        """Delete pending acks, heartbeat if due, claim up to ``limit`` rows."""
         broker = self.broker
         self._notified = False
         self._event.clear()
         self._coalesce_until = None
         conn = self._connection()
-        now = time.monotonic()
-        restore: Callable[[], None] | None = None
-        try:
-            with conn.begin():
+        params = {"queue": self.queue_name, "limit": limit, "worker": self.worker_id}
+        # On PostgreSQL the connection is in autocommit mode: begin() emits
+        # nothing and each statement commits on its own.
+        with conn.begin():
+            self._heartbeat(conn, time.monotonic())
+            if broker.is_postgres:
+                acks, restore = broker._take_acks()
+                try:
+                    rows = list(conn.execute(broker._ack_and_claim, {**params, "acks": acks}))
+                except BaseException:
+                    restore()
+                    raise
+            else:
                 restore = broker._flush_acks(conn)
-                self._heartbeat(conn, now)
-                rows = list(
-                    conn.execute(
-                        broker._claim,
-                        {"queue": self.queue_name, "limit": limit, "worker": self.worker_id},
-                    )
-                )
-                due_in = None
-                if len(rows) < limit:
-                    due_in = conn.execute(broker._next_due, {"queue": self.queue_name}).scalar()
-        except BaseException:
-            if restore is not None:
-                restore()
-            raise
+                try:
+                    rows = list(conn.execute(broker._claim, params))
+                except BaseException:
+                    restore()
+                    raise
+            due_in = None
+            if len(rows) < limit:
+                due_in = conn.execute(broker._next_due, {"queue": self.queue_name}).scalar()
         poll = broker.poll_interval
         if due_in is not None:
             poll = min(poll, max(due_in, 1) / 1000)
@@ -874,15 +913,9 @@ class _SqlConsumer(Consumer):
 
     def _flush(self) -> None:
         conn = self._connection()
-        restore: Callable[[], None] | None = None
-        try:
-            with conn.begin():
-                restore = self.broker._flush_acks(conn)
-                self._heartbeat(conn, time.monotonic())
-        except BaseException:
-            if restore is not None:
-                restore()
-            raise
+        with conn.begin():
+            self.broker._flush_acks(conn)
+            self._heartbeat(conn, time.monotonic())
 
     def _dead_letter_undecodable(self, bad: list[tuple[int, str]]) -> None:
         m = self.broker.messages
@@ -893,7 +926,7 @@ class _SqlConsumer(Consumer):
                 m.update()
                 .where(m.c.id == sa.bindparam("row_id"))
                 .values(
-                    state="dead",
+                    state=DEAD,
                     dead_at=self.broker._now,
                     worker_id=None,
                     last_error=sa.bindparam("error"),
@@ -935,7 +968,7 @@ class _SqlConsumer(Consumer):
                     m.update()
                     .where(m.c.id == row_id)
                     .values(
-                        state="dead",
+                        state=DEAD,
                         dead_at=self.broker._now,
                         worker_id=None,
                         data=message._message.encode(),
@@ -965,8 +998,8 @@ class _SqlConsumer(Consumer):
                 for chunk in _chunks(ids):
                     conn.execute(
                         m.update()
-                        .where(m.c.id.in_(chunk), m.c.state == "consumed")
-                        .values(state="queued", worker_id=None, consumed_at=None)
+                        .where(m.c.id.in_(chunk), m.c.state == CONSUMED)
+                        .values(state=QUEUED, worker_id=None, consumed_at=None)
                     )
                 self.broker._notify_on(conn, [self.queue_name], local=False)
         except sa.exc.DBAPIError as exc:
@@ -1001,5 +1034,7 @@ class _SqlConsumer(Consumer):
             self.logger.warning("Could not close consumer of %r cleanly: %s", self.queue_name, exc)
         finally:
             if self._conn is not None:
+                if self.broker.is_postgres and not self._conn.invalidated:
+                    self._conn.invalidate()
                 self._conn.close()
                 self._conn = None
