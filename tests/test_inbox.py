@@ -1032,3 +1032,38 @@ def test_concurrent_duplicates_on_real_backends(
         worker.stop()
     assert calls == [activity["id"]]
     assert fed.kv.get(("botkit", USERNAME, "seen", activity["id"])) == 1
+
+
+@pytest.mark.parametrize("backend_federation", ["sqlite", "postgres"], indirect=True)
+def test_seen_mark_and_job_commit_together_on_one_sql_engine(
+    backend_federation: Federation, remote: RemoteServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy as sa
+
+    fed = backend_federation
+    engine = fed.broker.engine  # type: ignore[attr-defined]
+
+    alice = remote.add_actor("alice")
+    activity = new_activity(alice)
+    headers, body = signed(alice, activity)
+    table = f"{fed.broker.table_prefix}messages"  # type: ignore[attr-defined]
+
+    def count() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(f'SELECT COUNT(*) FROM "{table}"')).scalar_one())
+
+    # Given the process dies right after the job row is written (before commit)
+    real_enqueue = fed.broker.enqueue
+
+    def enqueue_then_crash(message: Any, *, delay: int | None = None) -> Any:
+        real_enqueue(message, delay=delay)
+        raise RuntimeError("crash after the insert")
+
+    monkeypatch.setattr(fed.broker, "enqueue", enqueue_then_crash)
+    assert fed.inbox_app.handle(INBOX_URL, headers, body)[0] == 503
+    # Then neither the job nor the seen mark exists: the sender's retry is accepted
+    assert count() == 0
+    assert fed.kv.get(("botkit", USERNAME, "seen", activity["id"])) is None
+    monkeypatch.undo()
+    assert fed.inbox_app.handle(INBOX_URL, headers, body)[0] == 202
+    assert count() == 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
@@ -271,29 +272,51 @@ class InboxApp:
         # its delivery failure tracking the same way).
         reset_host(federation.kv, host_of(actor_id))
 
-        seen_key: tuple[str, ...] | None = None
-        if activity_id is not None:
-            seen_key = self._seen_key(activity_id)
-            try:
-                first_time = federation.kv.cas(seen_key, None, 1, ttl=SEEN_TTL)
-            except (TypeError, ValueError) as exc:
-                raise _Reject(400, "activity id cannot be stored") from exc
-            if not first_time:
-                return 202, "duplicate"
+        seen_key = None if activity_id is None else self._seen_key(activity_id)
         try:
-            federation.broker.get_actor(INBOX_ACTOR_NAME).send(
-                federation.username, activity, actor_id
-            )
+            with self._transaction():
+                # Remember the id and enqueue together: in one SQL transaction when
+                # the store and the broker share an engine, so a crash in between
+                # cannot leave the id marked seen and the activity lost.
+                if seen_key is not None:
+                    try:
+                        first_time = federation.kv.cas(seen_key, None, 1, ttl=SEEN_TTL)
+                    except (TypeError, ValueError) as exc:
+                        # The store refuses ids it cannot hold (e.g. NUL characters).
+                        raise _Reject(400, "activity id cannot be stored") from exc
+                    if not first_time:
+                        return 202, "duplicate"
+                federation.broker.get_actor(INBOX_ACTOR_NAME).send(
+                    federation.username, activity, actor_id
+                )
+        except (_Reject, StoreError):
+            raise
         except Exception:
-            # Forget the id again so that the sender's retry is not taken for a duplicate.
-            if seen_key is not None:
-                try:
-                    federation.kv.delete(seen_key)
-                except Exception:
-                    logger.exception("inbox: could not clear de-duplication mark")
             logger.exception("inbox: could not enqueue activity %s", activity_id)
+            self._forget(seen_key)
             return 503, "temporarily unavailable"
         return 202, "accepted"
+
+    def _transaction(self) -> AbstractContextManager[Any]:
+        from sqlalchemy import Engine
+
+        from .._sql import atomic
+
+        engine = getattr(self.federation.kv, "engine", None)
+        shared = engine is not None and getattr(self.federation.broker, "engine", None) is engine
+        if shared and isinstance(engine, Engine):
+            return atomic(engine)
+        return nullcontext()
+
+    def _forget(self, seen_key: tuple[str, ...] | None) -> None:
+        # Unmark the id so that the sender's retry is not taken for a duplicate
+        # (a no-op when the transaction was rolled back anyway).
+        if seen_key is None:
+            return
+        try:
+            self.federation.kv.delete(seen_key)
+        except Exception:
+            logger.exception("inbox: could not clear de-duplication mark %s", seen_key)
 
     def _seen_key(self, activity_id: str) -> tuple[str, ...]:
         if len(activity_id.encode("utf-8", "surrogatepass")) > _SEEN_KEY_VERBATIM:
