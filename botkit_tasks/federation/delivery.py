@@ -536,7 +536,12 @@ def perform_delivery(
             "Inbox %s is gone (HTTP %s): dropped %d followers", inbox_url, result.status, dropped
         )
         if opts.on_gone is not None:
-            opts.on_gone(inbox_url, result.status or 0)
+            try:
+                opts.on_gone(inbox_url, result.status or 0)
+            except Exception:
+                # The delivery itself is settled; a failing user hook must not
+                # turn it into a retry that would post to a gone inbox again.
+                logger.exception("on_gone hook failed for %s", inbox_url)
     return result
 
 
