@@ -141,6 +141,8 @@ def test_a_retried_fanout_resumes_after_the_progress_cursor() -> None:
     # Then only the remaining followers are enqueued
     assert [m.args[2] for m in outbox(broker)] == [f"https://h{n}.example/i" for n in range(6, 10)]
     assert stats.followers == 4
+    # And a completed fan-out leaves no cursor behind
+    assert fed.kv.get(("botkit", "bot", "fanout-progress", ACTIVITY["id"])) is None
 
 
 @pytest.fixture
@@ -212,6 +214,7 @@ def test_fanout_on_sql_broker_sqlite_uses_enqueue_many(sqlite_url: str) -> None:
         "https://[::1]:8443/inbox",
         "https://host.example?x=1",
         "https://host.example",
+        "https://host.example:/inbox",
     ],
 )
 def test_fast_host_agrees_with_host_of(url: str) -> None:

@@ -11,8 +11,9 @@ batch), else one ``enqueue`` per message (``RedisBroker``, ``StubBroker``).
 Each message carries only ``(username, activity_id, inbox_url)``.
 
 A fan-out job that dies midway is retried by Dramatiq; a progress cursor
-(the last follower id whose deliveries were enqueued, kept next to the
-activity) lets the retry resume instead of starting over.  Inboxes shared with
+(the last follower id whose deliveries were enqueued, kept for a day under
+``("botkit", username, "fanout-progress", id)`` and removed when the job
+completes) lets the retry resume instead of starting over.  Inboxes shared with
 followers before the cursor may then be delivered twice, which receivers
 tolerate (they de-duplicate by activity id).
 """
@@ -106,7 +107,7 @@ def _host(url: str) -> str:
     parts = url.split("/", 3)
     if len(parts) >= 3 and parts[0] in ("https:", "http:") and not parts[1]:
         netloc = parts[2]
-        if "@" not in netloc and "[" not in netloc and "?" not in netloc and "#" not in netloc:
+        if netloc and not netloc.endswith(":") and not any(c in netloc for c in "@[?#"):
             return netloc.lower()
     return host_of(url)
 
@@ -174,6 +175,8 @@ def fan_out(
         if len(batch) >= batch_size:
             flush()
     flush()
+    # Done: a later publish of the same id must start from the beginning again.
+    kv.delete(progress_key)
     logger.info(
         "Fan-out of %s: %d followers, %d inboxes enqueued, %d skipped (unavailable hosts)",
         activity_id,
