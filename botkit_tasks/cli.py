@@ -182,7 +182,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from .demo import MIN_FOLLOWERS, run_demo
+
+            if args.followers < MIN_FOLLOWERS:
+                raise ConfigurationError(
+                    f"--followers {args.followers}: the demo needs at least {MIN_FOLLOWERS} followers"
+                )
 
             return run_demo(
                 followers=args.followers,
@@ -213,6 +218,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
         print(f"botkit-tasks: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:  # driver errors (database or Redis down): say what, not a traceback
+        if os.environ.get("BOTKIT_DEBUG"):
+            raise
         print(f"botkit-tasks: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse checks

@@ -381,11 +381,14 @@ class Demo:
             return response.status_code == 202
 
         limits = httpx.Limits(max_connections=16)
-        with (
-            httpx.Client(timeout=10.0, limits=limits) as client,
-            ThreadPoolExecutor(max_workers=8, thread_name_prefix="botkit-demo-follow") as pool,
-        ):
-            results = list(pool.map(lambda a: follow(a, client), list(remote.actors.values())))
+        pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="botkit-demo-follow")
+        try:
+            with httpx.Client(timeout=10.0, limits=limits) as client:
+                actors = list(remote.actors.values())
+                results = list(pool.map(lambda a: follow(a, client), actors))
+        finally:
+            # On Ctrl-C, do not send the follows that have not started yet.
+            pool.shutdown(wait=True, cancel_futures=True)
         return results.count(False)
 
     # ------------------------------------------------------------------ observation
@@ -566,32 +569,39 @@ class Demo:
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        """Stop everything this demo started; safe to call more than once and after errors."""
+        """Stop everything this demo started; safe to call more than once and after errors.
+
+        Each step runs even when an earlier one fails (a failure is logged to
+        ``demo.log``), so no thread, socket or temporary file is left behind.
+        """
         if self._progress is not None:
-            self._progress.stop(final=False)
+            self._step(lambda p=self._progress: p.stop(final=False))
             self._progress = None
         if self._worker is not None:
-            self._worker.stop(timeout=10_000)
+            self._step(lambda w=self._worker: w.stop(timeout=10_000))
             self._worker = None
         if self.remote is not None:
             self.remote.stopping.set()  # ends hanging requests
         for server in self._servers:
-            server.stop()
+            self._step(server.stop)
         self._servers = []
         if self.bot is not None:
-            self.bot.close()
-        for closer in ("broker", "kv"):
+            self._step(self.bot.close)
+        for closer in ("broker", "kv", "engine"):
             obj = getattr(self, closer, None)
             if obj is not None:
-                with contextlib.suppress(Exception):
-                    obj.close()
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.dispose()
+                self._step(obj.dispose if closer == "engine" else obj.close)
+                setattr(self, closer, None)
         self._restore_logs()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+    def _step(self, action: Any) -> None:
+        try:
+            action()
+        except Exception:
+            logger.exception("demo: error while shutting down")
 
 
 def run_demo(
@@ -618,7 +628,10 @@ def run_demo(
         result = demo.run()
     except KeyboardInterrupt:
         print("\nInterrupted; stopping workers and servers...", file=stream)
-        return 130
-    finally:
         demo.close()
+        return 130
+    except BaseException:
+        demo.close()
+        raise
+    demo.close()
     return 0 if result.ok else 1

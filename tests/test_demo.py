@@ -1,0 +1,110 @@
+"""``botkit-tasks demo`` runs end to end, checks itself, and cleans up after itself."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from botkit_tasks.cli import main
+
+CODE = "import sys; from botkit_tasks.cli import main; sys.exit(main())"
+
+
+def _demo(*args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    return subprocess.Popen(
+        [sys.executable, "-c", CODE, "demo", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _observed(summary: str, label: str) -> tuple[int, int]:
+    """(observed, expected) of the summary row starting with ``label``."""
+    match = re.search(rf"^\s+{re.escape(label)}\s+(\d+)\s+(\d+)\s+ok$", summary, re.M)
+    assert match, f"no passing row {label!r} in:\n{summary}"
+    return int(match.group(1)), int(match.group(2))
+
+
+@pytest.mark.timeout(170)
+def test_demo_command_completes_as_scripted() -> None:
+    # Given a fresh machine's view (no backend variables), when the README's command runs
+    proc = _demo()
+    output, _ = proc.communicate(timeout=160)
+    # Then it exits 0 and its summary says everything behaved as scripted
+    assert proc.returncode == 0, output
+    assert "Result: OK - everything behaved as scripted." in output
+    summary = output[output.index("Summary (") :]
+    assert _observed(summary, "follows accepted (signed Accept verified)") == (240, 240)
+    delivered, expected = _observed(summary, "delivered (2xx, signature verified)")
+    assert delivered == expected > 150
+    assert _observed(summary, "permanently failed: 410 Gone") == (1, 1)
+    assert _observed(summary, "dead letters (retries exhausted)") == (1, 1)
+    assert _observed(summary, "followers after the 410 dropped one") == (239, 239)
+    retried, _ = _observed(summary, "delivered after retries (500s, 429)")
+    assert retried >= 4
+    seconds = float(re.search(r"Summary \((\d+\.\d) s\)", output).group(1))  # type: ignore[union-attr]
+    assert seconds < 60
+    # Not a terminal: periodic progress lines, no ANSI escapes
+    assert "\x1b[" not in output
+    assert re.search(r"^\[\s*\d+\.\ds\] phase 2/2 \| follows 240/240", output, re.M)
+    # And its temporary directory is gone
+    (db,) = re.findall(r"storage\s+SQLite (\S+)", output)
+    assert not Path(db).parent.exists()
+
+
+@pytest.mark.timeout(120)
+def test_demo_in_process_with_kept_database(tmp_path: Path) -> None:
+    # main(["demo", ...]) in this process; --keep leaves a database to inspect
+    out = io.StringIO()
+    keep = tmp_path / "kept"
+    code = main(["demo", "--followers", "40", "--threads", "4", "--keep", str(keep)], stdout=out)
+    text = out.getvalue()
+    assert code == 0, text
+    assert (keep / "demo.sqlite3").exists() and (keep / "demo.log").exists()
+    # The kept database answers `botkit-tasks status`: the one dead delivery is there
+    status = io.StringIO()
+    assert main(["--database-url", f"sqlite:///{keep}/demo.sqlite3", "status"], stdout=status) == 0
+    row = next(
+        ln.split() for ln in status.getvalue().splitlines() if ln.startswith("botkit.outbox")
+    )
+    assert row[1:] == ["0", "0", "0", "1"]
+
+
+@pytest.mark.timeout(90)
+def test_demo_interrupted_stops_everything() -> None:
+    proc = _demo("--followers", "200")
+    assert proc.stdout is not None
+    lines: list[str] = []
+    # Wait until the workers run and follows are flowing, then press Ctrl-C
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Phase 1/2"):
+            time.sleep(1.0)
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=40)
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output
+    assert "Interrupted" in output
+    (db,) = re.findall(r"storage\s+SQLite (\S+)", output)
+    assert not Path(db).parent.exists()
+
+
+def test_demo_rejects_too_few_followers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--followers", "3"]) == 2
+    assert "at least 20 followers" in capsys.readouterr().err
