@@ -186,7 +186,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
 
             if args.followers < MIN_FOLLOWERS:
                 raise ConfigurationError(
-                    f"--followers {args.followers}: the demo needs at least {MIN_FOLLOWERS} followers"
+                    f"--followers {args.followers}: "
+                    f"the demo needs at least {MIN_FOLLOWERS} followers"
                 )
 
             return run_demo(
