@@ -616,6 +616,30 @@ def test_wrong_method_and_path(federation: Federation) -> None:
     assert response.status == 404
 
 
+def test_lifespan_and_websocket_scopes(federation: Federation) -> None:
+    async def run(scope_type: str, incoming: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return incoming.pop(0)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await federation.inbox_app({"type": scope_type, "path": INBOX_PATH}, receive, send)
+        return sent
+
+    lifespan = asyncio.run(
+        run("lifespan", [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    )
+    assert [m["type"] for m in lifespan] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    websocket = asyncio.run(run("websocket", [{"type": "websocket.connect"}]))
+    assert [m["type"] for m in websocket] == ["websocket.close"]
+
+
 def test_invalid_content_length_is_400(federation: Federation) -> None:
     response = post(federation, {"Content-Length": "lots"}, b"{}")
     assert response.status == 400

@@ -150,9 +150,7 @@ class Federation:
         self.key_id = f"{self.actor_id}#main-key"
         self.inbox_url = f"{self.actor_id}/inbox"
         self.shared_inbox_url = f"{self.base_url}/inbox"
-        self.delivery_options = (
-            delivery_options if delivery_options is not None else (DeliveryOptions())
-        )
+        self.delivery_options = delivery_options or DeliveryOptions()
         self.user_agent = user_agent
 
         self._load_keypair = load_or_create_keypair
