@@ -51,7 +51,14 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, Connection, Engine
 
-from .._sql import ambient_connection, is_postgres, on_commit, resolve_engine, transaction
+from .._sql import (
+    ambient_connection,
+    create_engine,
+    is_postgres,
+    on_commit,
+    resolve_engine,
+    transaction,
+)
 from ..errors import ConfigurationError
 
 __all__ = ["SqlBroker"]
@@ -226,7 +233,12 @@ class SqlBroker(dramatiq.Broker):
                 "poll_interval, heartbeat_timeout and dead_message_ttl must be positive"
             )
         super().__init__(middleware=middleware)
-        self.engine, self._owns_engine = resolve_engine(url_or_engine)
+        if isinstance(url_or_engine, (str, URL)):
+            # Our own engine needs no pre-ping round trip per checkout: enqueue
+            # retries on a dead connection and consumers restart on one.
+            self.engine, self._owns_engine = create_engine(url_or_engine, pool_pre_ping=False), True
+        else:
+            self.engine, self._owns_engine = resolve_engine(url_or_engine)
         if self.engine.dialect.name not in ("postgresql", "sqlite"):
             raise ConfigurationError(
                 f"SqlBroker supports PostgreSQL and SQLite, not {self.engine.dialect.name}"
@@ -279,6 +291,18 @@ class SqlBroker(dramatiq.Broker):
             state=QUEUED,
         )
         self._notify = sa.select(sa.func.pg_notify(self.channel, sa.bindparam("queue")))
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        columns = ("message_id", "queue_name", "actor_name", "retries", "last_error", "data")
+        inserted = (
+            self._insert.values(
+                {name: sa.bindparam(name, type_=m.c[name].type) for name in columns}
+            )
+            .returning(m.c.id)
+            .cte("inserted")
+        )
+        self._insert_notify = sa.select(
+            sa.func.pg_notify(self.channel, sa.bindparam("queue_name", type_=sa.String))
+        ).add_cte(inserted)
         pick = (
             sa.select(m.c.id)
             .where(
@@ -437,6 +461,14 @@ class SqlBroker(dramatiq.Broker):
         attempt = 0
         while True:
             try:
+                if self.is_postgres and len(rows) == 1 and ambient_connection(self.engine) is None:
+                    # One message outside atomic(): one autocommitted statement
+                    # that inserts and notifies, a single round trip.
+                    with self._autocommit.connect() as conn:
+                        conn.execute(self._insert_notify, rows[0])
+                        conn.commit()
+                    self._wake(queues)
+                    return
                 with transaction(self.engine) as conn:
                     conn.execute(self._insert, rows)
                     self._notify_on(conn, queues)
@@ -748,6 +780,7 @@ class _SqlConsumer(Consumer):
         self._coalesce_until: float | None = None
         self._drained = False
         self._hold_until: float | None = None
+        self._need_due = False
         self._next_heartbeat = 0.0
         self._registered = False
         self._closed = False
@@ -804,6 +837,8 @@ class _SqlConsumer(Consumer):
                     continue
             elif now >= self._next_heartbeat or self.broker._acks_due(now):
                 self._flush()
+            if self._need_due:
+                self._schedule_poll(self._connection())
             if self.broker._maintenance_due():
                 self.broker._maintain(self._connection())
             now = time.monotonic()
@@ -876,14 +911,16 @@ class _SqlConsumer(Consumer):
                 except BaseException:
                     restore()
                     raise
-            due_in = None
-            if len(rows) < limit:
-                due_in = conn.execute(broker._next_due, {"queue": self.queue_name}).scalar()
-        poll = broker.poll_interval
-        if due_in is not None:
-            poll = min(poll, max(due_in, 1) / 1000)
-        self._next_poll = time.monotonic() + poll
         self._drained = len(rows) < limit
+        if self._drained:
+            if rows:
+                # Hand the rows out first; look up the next due time after.
+                self._need_due = True
+                self._next_poll = time.monotonic() + broker.poll_interval
+            else:
+                self._schedule_poll(conn)
+        else:
+            self._next_poll = time.monotonic() + broker.poll_interval
         if not rows:
             return False
         rows.sort(key=lambda row: (row[1], row[0]))
@@ -900,6 +937,16 @@ class _SqlConsumer(Consumer):
         if bad:
             self._dead_letter_undecodable(bad)
         return True
+
+    def _schedule_poll(self, conn: Connection) -> None:
+        """Poll again at the next due time of a delayed row, or after poll_interval."""
+        self._need_due = False
+        with conn.begin():
+            due_in = conn.execute(self.broker._next_due, {"queue": self.queue_name}).scalar()
+        poll = self.broker.poll_interval
+        if due_in is not None:
+            poll = min(poll, max(due_in, 1) / 1000)
+        self._next_poll = time.monotonic() + poll
 
     def _heartbeat(self, conn: Connection, now: float) -> None:
         if now < self._next_heartbeat:
