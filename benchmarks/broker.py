@@ -24,6 +24,7 @@ Usage::
     .venv/bin/python benchmarks/broker.py                 # full run (~10 min)
     .venv/bin/python benchmarks/broker.py --quick         # smaller counts (~3 min)
     .venv/bin/python benchmarks/broker.py --only sql-pg,redis
+    .venv/bin/python benchmarks/broker.py --repeat 3        # medians of 3 interleaved rounds
 
 Services: ``BOTKIT_BENCH_DATABASE_URL`` (default: the test database) and
 ``BOTKIT_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``).
@@ -81,15 +82,46 @@ QUICK = Sizes(single=1_000, many=5_000, drain=5_000, pings=15, idle_seconds=5.0,
 
 @dataclass
 class Result:
+    """Samples of every metric for one broker; the table shows their medians."""
+
     kind: str
-    enqueue_one: float | None = None
-    enqueue_many: float | None = None
-    drain: float | None = None
-    p50_ms: float | None = None
-    p99_ms: float | None = None
-    idle_cpu: float | None = None
-    bloat_drain: float | None = None
+    samples: dict[str, list[float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def add(self, metric: str, value: float) -> None:
+        self.samples.setdefault(metric, []).append(value)
+
+    def median(self, metric: str) -> float | None:
+        values = self.samples.get(metric)
+        return statistics.median(values) if values else None
+
+    @property
+    def enqueue_one(self) -> float | None:
+        return self.median("enqueue_one")
+
+    @property
+    def enqueue_many(self) -> float | None:
+        return self.median("enqueue_many")
+
+    @property
+    def drain(self) -> float | None:
+        return self.median("drain")
+
+    @property
+    def p50_ms(self) -> float | None:
+        return self.median("p50_ms")
+
+    @property
+    def p99_ms(self) -> float | None:
+        return self.median("p99_ms")
+
+    @property
+    def idle_cpu(self) -> float | None:
+        return self.median("idle_cpu")
+
+    @property
+    def bloat_drain(self) -> float | None:
+        return self.median("bloat_drain")
 
     @property
     def bloat_drop(self) -> float | None:
@@ -333,13 +365,13 @@ def measure_enqueue(target: Target, sizes: Sizes, result: Result) -> None:
     started = time.perf_counter()
     for _ in range(sizes.single):
         target.noop.send()
-    result.enqueue_one = sizes.single / (time.perf_counter() - started)
+    result.add("enqueue_one", sizes.single / (time.perf_counter() - started))
     if target.has_enqueue_many:
         messages = [target.noop.message() for _ in range(sizes.many)]
         started = time.perf_counter()
         for start in range(0, sizes.many, 1_000):
             target.broker.enqueue_many(messages[start : start + 1_000])
-        result.enqueue_many = sizes.many / (time.perf_counter() - started)
+        result.add("enqueue_many", sizes.many / (time.perf_counter() - started))
     target.empty()
 
 
@@ -362,8 +394,8 @@ def measure_latency(target: Target, sizes: Sizes, result: Result, workers: Worke
         samples.append((received - sent) * 1000)
     if samples:
         samples.sort()
-        result.p50_ms = statistics.median(samples)
-        result.p99_ms = samples[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))]
+        result.add("p50_ms", statistics.median(samples))
+        result.add("p99_ms", samples[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))])
 
 
 def measure_idle_cpu(sizes: Sizes, result: Result, workers: Workers) -> None:
@@ -372,7 +404,7 @@ def measure_idle_cpu(sizes: Sizes, result: Result, workers: Workers) -> None:
     before, t0 = Workers.cpu_seconds(pids), time.perf_counter()
     time.sleep(sizes.idle_seconds)
     after, t1 = Workers.cpu_seconds(pids), time.perf_counter()
-    result.idle_cpu = 100.0 * (after - before) / (t1 - t0)
+    result.add("idle_cpu", 100.0 * (after - before) / (t1 - t0))
 
 
 def drain(target: Target, n: int, args: argparse.Namespace) -> tuple[float, Workers]:
@@ -393,34 +425,83 @@ def measure_bloat(target: Target, sizes: Sizes, result: Result, args: argparse.N
         workers.stop()
     rate, workers = drain(target, sizes.drain, args)
     workers.stop()
-    result.bloat_drain = rate
+    result.add("bloat_drain", rate)
 
 
-def run_target(kind: str, args: argparse.Namespace, sizes: Sizes, workdir: Path) -> Result:
-    result = Result(kind)
-    log(f"{LABELS[kind]}: setting up")
-    target = Target(kind, args.database_url, args.redis_url, workdir)
+def run_round(target: Target, args: argparse.Namespace, sizes: Sizes, result: Result) -> None:
+    """Enqueue, drain, idle latency and idle CPU: one sample of each."""
+    label = LABELS[target.kind]
     try:
-        log(f"{LABELS[kind]}: enqueue")
+        log(f"{label}: enqueue")
         measure_enqueue(target, sizes, result)
-        log(f"{LABELS[kind]}: drain of {sizes.drain:,}")
-        result.drain, workers = drain(target, sizes.drain, args)
+        log(f"{label}: drain of {sizes.drain:,}")
+        rate, workers = drain(target, sizes.drain, args)
+        result.add("drain", rate)
         try:
-            log(f"{LABELS[kind]}: idle pickup latency")
+            log(f"{label}: idle pickup latency")
             measure_latency(target, sizes, result, workers)
-            log(f"{LABELS[kind]}: idle CPU over {sizes.idle_seconds:.0f} s")
+            log(f"{label}: idle CPU over {sizes.idle_seconds:.0f} s")
             measure_idle_cpu(sizes, result, workers)
         finally:
             workers.stop()
-        if kind.startswith("sql-") or args.bloat_all:
-            log(f"{LABELS[kind]}: {sizes.bloat:,} messages through, then the drain again")
-            measure_bloat(target, sizes, result, args)
     except Exception as exc:
         result.notes.append(f"failed: {exc!r}")
-        log(f"{LABELS[kind]}: FAILED {exc!r}")
+        log(f"{label}: FAILED {exc!r}")
+        target.empty()
+
+
+def run_all(
+    kinds: list[str], args: argparse.Namespace, sizes: Sizes, workdir: Path
+) -> dict[str, Result]:
+    results = {kind: Result(kind) for kind in kinds}
+    targets: dict[str, Target] = {}
+    try:
+        for kind in kinds:
+            log(f"{LABELS[kind]}: setting up")
+            targets[kind] = Target(kind, args.database_url, args.redis_url, workdir)
+        # Interleaved rounds (A B C D, B C D A, ...), so that a burst of load
+        # from elsewhere on the machine does not land on one broker only.
+        for round_no in range(args.repeat):
+            shift = round_no % len(kinds)
+            for kind in kinds[shift:] + kinds[:shift]:
+                log(f"round {round_no + 1}/{args.repeat}")
+                run_round(targets[kind], args, sizes, results[kind])
+        for kind in kinds:
+            if kind.startswith("sql-") or args.bloat_all:
+                log(f"{LABELS[kind]}: {sizes.bloat:,} messages through, then the drain again")
+                try:
+                    measure_bloat(targets[kind], sizes, results[kind], args)
+                except Exception as exc:
+                    results[kind].notes.append(f"bloat run failed: {exc!r}")
+                    log(f"{LABELS[kind]}: FAILED {exc!r}")
     finally:
-        target.cleanup()
-    return result
+        for target in targets.values():
+            target.cleanup()
+    return results
+
+
+def commit_rate(database_url: str, seconds: float = 1.0) -> float | None:
+    """Single-row INSERT transactions per second on the database right now.
+
+    The one-at-a-time enqueue rate of a durable SQL broker cannot beat this;
+    it shows how busy the disk is during the run.
+    """
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    table = f"botkit_bench_probe_{uuid.uuid4().hex[:8]}"
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{table}" (id bigserial PRIMARY KEY, v text)')
+        try:
+            count, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                conn.execute(f'INSERT INTO "{table}" (v) VALUES (%s)', ("x",))
+                count += 1
+            return count / (time.perf_counter() - started)
+        finally:
+            conn.execute(f'DROP TABLE "{table}"')
 
 
 # --- report ---------------------------------------------------------------------
@@ -434,16 +515,24 @@ def ratio(a: float | None, b: float | None) -> str:
     return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
-def report(results: dict[str, Result], sizes: Sizes) -> int:
+def report(
+    results: dict[str, Result], sizes: Sizes, repeat: int, probes: list[float | None]
+) -> int:
     header = (
         f"{'broker':<22} {'enqueue/s':>10} {'enq_many/s':>11} {'drain/s':>9} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'idle CPU':>9} {'drain/s':>9} {'drop':>7}"
     )
     print()
     print(
-        f"drain: {sizes.drain:,} no-op messages, dramatiq -p 2 -t 8, worker boot included; "
-        f"bloat columns: after {sizes.bloat:,} messages went through"
+        f"median of {repeat} interleaved round(s); drain: {sizes.drain:,} no-op messages, "
+        f"dramatiq -p 2 -t 8, worker boot included; bloat: after {sizes.bloat:,} messages"
     )
+    if all(p is not None for p in probes):
+        print(
+            "PostgreSQL single-row commits/s now (disk load): "
+            + " -> ".join(f"{p:,.0f}" for p in probes if p is not None)
+            + " (before -> after the run)"
+        )
     print(header)
     print(
         f"{'':<22} {'':>10} {'':>11} {'(fresh)':>9} {'':>8} {'':>8} {'(tree)':>9} "
@@ -517,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bloat-all", action="store_true", help="bloat run for every broker")
     parser.add_argument("--bloat", type=int, help="messages to push through before re-draining")
     parser.add_argument("--drain", type=int, help="messages in each drain")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds (median)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument(
@@ -544,13 +634,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         kinds.remove("dramatiq-postgres")
     workdir = Path(tempfile.mkdtemp(prefix="botkit-bench-"))
-    results: dict[str, Result] = {}
+    probes = [commit_rate(args.database_url)]
     try:
-        for kind in kinds:
-            results[kind] = run_target(kind, args, sizes, workdir)
+        results = run_all(kinds, args, sizes, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return report(results, sizes)
+    probes.append(commit_rate(args.database_url))
+    return report(results, sizes, args.repeat, probes)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,11 @@ class RedisInspector(Inspector):
         return stats
 
     def workers(self) -> list[WorkerInfo]:
+        """Broker instances whose heartbeat is within ``heartbeat_timeout``.
+
+        ``RedisBroker`` refreshes the heartbeat on every command, so a process
+        that only enqueues (a web process) is listed too, with nothing in flight.
+        """
         now_ms = time.time() * 1000
         timeout_ms = float(getattr(self.broker, "heartbeat_timeout", 60_000))
         beats = self.client.zrangebyscore(
