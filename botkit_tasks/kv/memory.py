@@ -63,6 +63,10 @@ class MemoryKvStore:
         self._data[packed] = (text, expires)
         if expires is not None:
             heapq.heappush(self._expiries, (expires, packed))
+            # Re-setting keys leaves stale pairs behind; keep the heap near the data's size.
+            if len(self._expiries) > 2 * len(self._data) + 64:
+                self._expiries = [(exp, k) for k, (_, exp) in self._data.items() if exp is not None]
+                heapq.heapify(self._expiries)
 
     def _remove(self, packed: bytes) -> None:
         if self._data.pop(packed, None) is not None:
