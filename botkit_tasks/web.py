@@ -32,11 +32,14 @@ import base64
 import binascii
 import html
 import json
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio.to_thread
+
+from .errors import StoreError
 
 if TYPE_CHECKING:
     from .bot import Bot
@@ -48,6 +51,8 @@ __all__ = [
     "BotApp",
     "negotiate",
 ]
+
+logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -152,7 +157,12 @@ class BotApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = parse_qs((scope.get("query_string") or b"").decode("latin-1"))
         accept = headers.get("accept")
-        status, ctype, body = await anyio.to_thread.run_sync(self._route, path, query, accept)
+        try:
+            status, ctype, body = await anyio.to_thread.run_sync(self._route, path, query, accept)
+        except StoreError:
+            # The store is down: tell clients to come back, do not show a traceback.
+            logger.exception("web: key-value store failed")
+            status, ctype, body = 503, "text/plain; charset=utf-8", b"503 Service Unavailable\n"
         await _send(send, status, body, ctype, head, [(b"vary", b"Accept")])
 
     def _route(

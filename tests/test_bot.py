@@ -458,6 +458,18 @@ def test_notes_dereference_and_direct_messages_do_not(bot: Bot) -> None:
     assert outbox["totalItems"] == 1
 
 
+def test_store_failure_is_503() -> None:
+    from botkit_tasks.errors import StoreError
+
+    class Down(MemoryKvStore):
+        def get(self, key: Any) -> Any:
+            raise StoreError("database is down")
+
+    broken = Bot("b", base_url=BASE, kv=Down(), broker=StubBroker(), set_global_broker=False)
+    r = _request(broken.asgi_app(), "GET", broken.followers_url)
+    assert r.status_code == 503 and b"Traceback" not in r.content
+
+
 def test_methods_and_unknown_paths(bot: Bot) -> None:
     app = bot.asgi_app()
     assert _request(app, "POST", bot.actor_id).status_code == 405

@@ -211,3 +211,33 @@ def test_botkit_tasks_run_serves_greetbot(tmp_path: Path) -> None:
     assert proc.returncode == 0, output
     assert "Workers: 2 threads" in output
     assert "Worker has been shut down" in output
+
+
+@pytest.mark.timeout(90)
+def test_dramatiq_cli_runs_greetbots_jobs(
+    load_greetbot: Callable[[dict[str, str]], ModuleType], tmp_path: Path
+) -> None:
+    # Given greetbot's environment: an embedded SQLite file and a short interval
+    env = {"BOTKIT_SQLITE_PATH": str(tmp_path / "cli.sqlite3"), "GREETBOT_INTERVAL": "0.3"}
+    greetbot = load_greetbot(env)
+    assert greetbot.start_schedule() is True
+    # When standard `dramatiq greetbot` workers run (another process, same environment)
+    proc_env = {k: v for k, v in os.environ.items() if k not in BACKEND_VARS}
+    proc_env.update(env, GREETBOT_BASE_URL="http://127.0.0.1:8000")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dramatiq", "greetbot", "--processes", "1", "--threads", "2"],
+        cwd=ROOT / "examples",
+        env=proc_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # Then the scheduled posts are made by those workers
+        _eventually(
+            lambda: greetbot.bot.note_count() >= 2, "two posts made by dramatiq workers", timeout=60
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output

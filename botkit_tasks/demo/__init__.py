@@ -510,9 +510,21 @@ class Demo:
             shared = remote.instances["b"].shared_statuses
             delivered += 1 if 202 in shared else 0
             attempted = sum(1 for a in a_actors if a.create_statuses) + (1 if shared else 0)
+            # Only the scripted failures count: on a loaded machine a normal inbox
+            # may also be retried once (a reply slower than the 1 s demo timeout),
+            # which is the system working, not a deviation from the script.
             retried = sum(
-                1 for a in a_actors if 202 in a.create_statuses and len(a.create_statuses) > 1
+                1
+                for a in a_actors
+                if a.behaviour in ("flaky", "limited")
+                and 202 in a.create_statuses
+                and len(a.create_statuses) > 1
             )
+            self.unscripted_retries = sum(
+                1
+                for a in remote.actors.values()
+                if a.behaviour == "normal" and len(a.create_statuses) > 1
+            ) + max(len(shared) - 1, 0)
             gone = sum(1 for a in a_actors if 410 in a.create_statuses)
             hanging = self._actors("hanging")
             hang_attempts = sum(len(a.create_statuses) for a in hanging)
@@ -548,6 +560,9 @@ class Demo:
         ]
         for line in table(rows, headers=["", "observed", "expected", ""]):
             print(f"  {line}", file=out)
+        extra = getattr(self, "unscripted_retries", 0)
+        if extra:
+            print(f"  (also retried: {extra} normal inboxes that answered too slowly)", file=out)
         for d in getattr(self, "dead_letters", [])[:3]:
             error = (d.traceback or "").strip().splitlines()
             target = d.args[2] if d.actor == "botkit_deliver" and len(d.args) > 2 else d.args
