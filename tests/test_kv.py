@@ -770,6 +770,9 @@ def test_sql_rejects_bad_table_names(sql_url: str) -> None:
             SqlKvStore(sql_url, table_name=name)
     with pytest.raises(ConfigurationError):
         SqlKvStore("mysql://localhost/db")
+    for memory_url in ["sqlite://", "sqlite:///:memory:"]:
+        with pytest.raises(ConfigurationError, match="in-memory"):
+            SqlKvStore(memory_url)
     with pytest.raises(TypeError):
         SqlKvStore(42)  # type: ignore[arg-type]
 

@@ -122,6 +122,12 @@ class SqlKvStore:
                 f"table_name must be letters, digits and underscores (at most 51), "
                 f"not starting with a digit: {table_name!r}"
             )
+        if isinstance(url_or_engine, (str, URL)) and _is_sqlite_memory(url_or_engine):
+            # Every pooled connection would get a database of its own.
+            raise ConfigurationError(
+                "an in-memory SQLite URL gives each connection its own database: "
+                "use a file (sqlite:///bot.sqlite3) or MemoryKvStore"
+            )
         engine, self._owns_engine = resolve_engine(url_or_engine)
         if (engine.dialect.name, engine.dialect.driver) not in _DRIVERS:
             raise ConfigurationError(
@@ -339,6 +345,14 @@ class SqlKvStore:
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
         return f"SqlKvStore({url!r}, table_name={self.table_name!r})"
+
+
+def _is_sqlite_memory(url: str | URL) -> bool:
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return False  # resolve_engine reports malformed URLs
+    return parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:")
 
 
 def _statements(engine: Engine, table_name: str) -> dict[str, Any]:
