@@ -14,7 +14,9 @@ needs:
 * ``Create`` of a ``Note``: ``@bot.on_message`` handlers run for every note
   delivered to the bot, ``@bot.on_mention`` handlers for notes that tag or
   address it;
-* ``Accept``/``Reject`` of a ``Follow`` the bot sent with :meth:`Bot.follow`.
+* ``Accept``/``Reject`` of a ``Follow`` the bot sent with :meth:`Bot.follow`;
+* ``Delete`` of a follower's own account (removes it) and ``Update`` of it
+  (refreshes its inbox URLs).
 
 Handlers run inside the ``botkit_inbox`` job, on a worker; an exception retries
 the job, so a handler should be idempotent.
@@ -157,7 +159,8 @@ class Bot:
             username=username,
             allow_private_addresses=allow_private_addresses,
             delivery_options=delivery_options,
-            user_agent=user_agent or f"botkit-tasks/{__version__}",
+            # Like Mastodon's: software/version and the site to contact.
+            user_agent=user_agent or f"botkit-tasks/{__version__} (+{base_url})",
         )
         self.username = self.federation.username
         self.name = name if name is not None else username
@@ -173,6 +176,8 @@ class Bot:
         self.federation.on("Create", self._handle_create)
         self.federation.on("Accept", self._handle_accept)
         self.federation.on("Reject", self._handle_reject)
+        self.federation.on("Delete", self._handle_delete)
+        self.federation.on("Update", self._handle_update)
         if set_global_broker:
             dramatiq.set_broker(broker)
 
@@ -536,6 +541,24 @@ class Bot:
         self._run(self._message, ictx, note)
         if self.actor_id in mentions(note) or self.actor_id in recipients(note):
             self._run(self._mention, ictx, note)
+
+    def _handle_delete(self, ictx: InboxContext, delete: dict[str, Any]) -> None:
+        # An account deleting itself: forget it as a follower.  (Usually its key
+        # is gone too and the inbox cannot verify the Delete; then the first
+        # delivery answered 410 removes it instead.)
+        if first_id(delete.get("object")) == ictx.actor_id:
+            self.federation.followers.remove(ictx.actor_id)
+
+    def _handle_update(self, ictx: InboxContext, update: dict[str, Any]) -> None:
+        # An account updating itself may have moved its inboxes.
+        document = embedded(update.get("object"))
+        if (
+            document is not None
+            and first_id(document.get("id")) == ictx.actor_id
+            and self.federation.followers.get(ictx.actor_id) is not None
+        ):
+            with contextlib.suppress(ValueError):  # a document without a usable inbox
+                self.federation.followers.add(document)
 
     def _handle_accept(self, ictx: InboxContext, accept: dict[str, Any]) -> None:
         self._answer_follow(ictx, accept, "accepted")

@@ -213,6 +213,29 @@ def test_undo_of_another_actors_follow_is_ignored(bot: Bot) -> None:
     assert bot.federation.followers.get(REMOTE) is not None
 
 
+def test_follower_deleting_or_updating_itself(bot: Bot) -> None:
+    follow = {
+        "id": f"{REMOTE}/follows/5",
+        "type": "Follow",
+        "actor": REMOTE,
+        "object": bot.actor_id,
+    }
+    _deliver(bot, follow)
+    # An Update of its own actor moves its inboxes
+    moved = _remote_actor(inbox=f"{REMOTE}/new-inbox", endpoints={})
+    _deliver(bot, {"id": "u:1", "type": "Update", "actor": REMOTE, "object": moved})
+    record = bot.federation.followers.get(REMOTE)
+    assert record is not None and record["inbox"] == f"{REMOTE}/new-inbox"
+    assert "sharedInbox" not in record
+    # An Update of someone else is ignored
+    other = _remote_actor("https://remote.example/users/bob")
+    _deliver(bot, {"id": "u:2", "type": "Update", "actor": REMOTE, "object": other})
+    assert bot.federation.followers.get(other["id"]) is None
+    # A Delete of its own account removes it
+    _deliver(bot, {"id": "d:1", "type": "Delete", "actor": REMOTE, "object": REMOTE})
+    assert bot.federation.followers.get(REMOTE) is None
+
+
 def test_mentions_and_messages(bot: Bot) -> None:
     mentions: list[str] = []
     messages: list[str] = []
