@@ -582,7 +582,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Backend]:
 class _Running:
     """A bot served on a loopback port with its own Dramatiq worker threads."""
 
-    def __init__(self, username: str, backend: Backend) -> None:
+    def __init__(self, username: str, backend: Backend, *, worker: bool = True) -> None:
         kv, broker = backend(username)
         sock = _free_socket()
         self.bot = Bot(
@@ -596,14 +596,18 @@ class _Running:
             set_global_broker=False,
         )
         self.server = _Server(self.bot.asgi_app(), [sock], username)
-        self.worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+        self.worker = (
+            dramatiq.Worker(broker, worker_threads=4, worker_timeout=100) if worker else None
+        )
 
     def start(self) -> None:
         self.server.start()
-        self.worker.start()
+        if self.worker is not None:
+            self.worker.start()
 
     def stop(self) -> None:
-        self.worker.stop(timeout=10_000)
+        if self.worker is not None:
+            self.worker.stop(timeout=10_000)
         self.server.stop()
         self.bot.close()
 
@@ -702,6 +706,45 @@ def test_two_bots_talk_over_loopback(backend: Backend) -> None:
     for running in (alice, bob):
         dead = inspect(running.bot.broker).dead_letters()
         assert dead == [], [d.traceback for d in dead]
+
+
+@pytest.mark.timeout(120)
+def test_two_bots_share_one_store_and_broker(tmp_path: Any) -> None:
+    # One deployment, two bots: one SQLite store, one SqlBroker, one worker pool.
+    from botkit_tasks._sql import create_engine
+    from botkit_tasks.brokers.sql import SqlBroker
+    from botkit_tasks.kv.sql import SqlKvStore
+
+    engine = create_engine(f"sqlite:///{tmp_path}/shared.sqlite3")
+    kv = SqlKvStore(engine)
+    broker = SqlBroker(engine, poll_interval=0.1)
+    alice = _Running("alice", lambda name: (kv, broker), worker=False)
+    bob = _Running("bob", lambda name: (kv, broker), worker=False)
+    received: list[dict[str, Any]] = []
+    alice.bot.on_message(lambda ctx, note: received.append(note))
+    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+    alice.start()
+    bob.start()
+    worker.start()
+    try:
+        a, b = alice.bot, bob.bot
+        a.follow(b.actor_id)
+        _eventually(lambda: a.is_following(b.actor_id), "bob accepts alice")
+        # Each bot keeps its own followers and keys in the shared store
+        assert b.federation.followers.count() == 1 and a.federation.followers.count() == 0
+        assert a.federation.private_key.public_key().public_numbers() != (
+            b.federation.private_key.public_key().public_numbers()
+        )
+        b.publish("Shared infrastructure")
+        _eventually(lambda: len(received) == 1, "bob's note reaches alice")
+        assert "Shared infrastructure" in received[0]["content"]
+    finally:
+        worker.stop(timeout=10_000)
+        alice.stop()
+        bob.stop()
+        broker.close()
+        kv.close()
+        engine.dispose()
 
 
 def test_published_note_json_roundtrip(bot: Bot) -> None:
