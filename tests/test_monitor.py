@@ -231,3 +231,67 @@ def test_inspect_rejects_unknown_brokers() -> None:
 
     with pytest.raises(TypeError, match="StubBroker"):
         inspect(StubBroker())
+
+
+def _wait_for(predicate: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_worker_retries_and_dead_letters_then_requeue(broker: dramatiq.Broker) -> None:
+    from dramatiq.middleware import Retries
+
+    if not any(isinstance(m, Retries) for m in broker.middleware):
+        broker.add_middleware(Retries())
+    queue = unique_name("w")
+    attempts: list[str] = []
+    healed = False
+
+    @dramatiq.actor(broker=broker, queue_name=queue, max_retries=3, min_backoff=60_000)
+    def flaky(n: int) -> None:
+        attempts.append("flaky")
+        raise ValueError(f"flaky {n}")
+
+    @dramatiq.actor(broker=broker, queue_name=queue, max_retries=0)
+    def doomed(n: int) -> None:
+        attempts.append("doomed")
+        if not healed:
+            raise KeyError(f"doomed {n}")
+
+    insp = inspect(broker)
+    worker = dramatiq.Worker(broker, worker_timeout=100, worker_threads=2)
+    worker.start()
+    try:
+        # Given a failing actor with retries left and one without any
+        retry = flaky.send(1)
+        dead = doomed.send(2)
+        # Then the first waits for its retry with the real traceback of the failure
+        (retrying,) = _wait_for(insp.retrying)
+        assert (retrying.message_id, retrying.actor, retrying.retries) == (
+            retry.message_id,
+            "flaky",
+            1,
+        )
+        assert retrying.last_error is not None and "ValueError: flaky 1" in retrying.last_error
+        assert retrying.eta is not None
+        # And the second is a dead letter
+        (letter,) = _wait_for(insp.dead_letters)
+        assert (letter.message_id, letter.actor, letter.args) == (dead.message_id, "doomed", (2,))
+        stats = _wait_for(
+            lambda: [q for q in insp.queues() if q.name == queue and q.in_flight == 0]
+        )
+        assert stats == [QueueStats(queue, ready=0, delayed=1, in_flight=0, dead=1)]
+        # When the dead letter is requeued after the bug is fixed
+        healed = True
+        assert insp.requeue([dead.message_id]) == 1
+        # Then the worker runs it again and it succeeds
+        _wait_for(lambda: attempts.count("doomed") == 2)
+        _wait_for(lambda: next(q for q in insp.queues() if q.name == queue).dead == 0)
+        assert insp.dead_letters() == []
+    finally:
+        worker.stop()
