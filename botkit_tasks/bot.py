@@ -41,7 +41,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from urllib.parse import urlsplit
 
 import dramatiq
@@ -80,7 +80,8 @@ SECURITY_CONTEXT = "https://w3id.org/security/v1"
 #: Activity types whose object counts as a message for ``on_message``/``on_mention``.
 _NOTE_TYPES = ("Note", "Article", "Question")
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -263,16 +264,16 @@ class Bot:
         return handler
 
     @overload
-    def job(self, fn: F) -> dramatiq.Actor[Any, Any]: ...
+    def job(self, fn: Callable[P, R]) -> dramatiq.Actor[P, R]: ...
 
     @overload
     def job(
         self, fn: None = None, **actor_options: Any
-    ) -> Callable[[F], dramatiq.Actor[Any, Any]]: ...
+    ) -> Callable[[Callable[P, R]], dramatiq.Actor[P, R]]: ...
 
     def job(
-        self, fn: F | None = None, **actor_options: Any
-    ) -> dramatiq.Actor[Any, Any] | Callable[[F], dramatiq.Actor[Any, Any]]:
+        self, fn: Callable[P, R] | None = None, **actor_options: Any
+    ) -> dramatiq.Actor[P, R] | Callable[[Callable[P, R]], dramatiq.Actor[P, R]]:
         """Turn a function into a Dramatiq actor on :attr:`broker`.
 
         Usable bare (``@bot.job``) or with Dramatiq actor options
@@ -282,7 +283,7 @@ class Bot:
         """
         actor_options.setdefault("queue_name", "default")
 
-        def decorate(f: F) -> dramatiq.Actor[Any, Any]:
+        def decorate(f: Callable[P, R]) -> dramatiq.Actor[P, R]:
             return dramatiq.actor(broker=self.broker, **actor_options)(f)
 
         if fn is not None:
