@@ -1,4 +1,4 @@
-"""PostgreSQL ``LISTEN`` thread shared by every consumer of a :class:`SqlBroker`.
+"""PostgreSQL helper threads of a :class:`SqlBroker`: ``LISTEN`` and ``VACUUM``.
 
 One thread per broker (in practice per worker process) holds one dedicated
 connection, opened outside the engine's pool so that pool recycling and
@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import Engine
 
@@ -105,3 +108,72 @@ class PgListener:
                         logger.debug("closing the LISTEN connection failed", exc_info=True)
             self._stop.wait(delay)
             delay = min(delay * 2, MAX_RECONNECT_DELAY)
+
+
+#: Dead row versions in the messages table that trigger a VACUUM.
+VACUUM_DEAD_ROWS = 20_000
+#: Seconds between two looks at the dead-row count.
+VACUUM_CHECK_INTERVAL = 2.0
+
+
+class PgVacuum:
+    """Vacuum the messages table when deletes and claims have left dead rows.
+
+    Every claim and every ack leaves a dead row version behind, and their
+    index entries sit at the head of the ready index that each claim scans,
+    so claims slow down as they pile up.  Autovacuum clears them when it is
+    on and keeps up; this thread makes sure it happens when it is off or too
+    slow (its default thresholds scale with the table, a queue needs a
+    constant one).  A session advisory lock keeps workers from vacuuming
+    the same table at once.
+    """
+
+    def __init__(self, engine: Engine, table_name: str, lock_key: int) -> None:
+        self.engine = engine
+        self.table = engine.dialect.identifier_preparer.quote(table_name)
+        self.lock_key = lock_key
+        self.pid = os.getpid()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="botkit-vacuum", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(VACUUM_CHECK_INTERVAL * random.uniform(0.8, 1.2)):
+            try:
+                self.check()
+            except Exception as exc:  # the database may be away; try again later
+                logger.debug("vacuum check failed: %s", exc)
+
+    def check(self) -> bool:
+        """Vacuum if enough dead rows piled up; returns whether it vacuumed."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            dead = conn.execute(
+                sa.text("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = to_regclass(:t)"),
+                {"t": self.table},
+            ).scalar()
+            if dead is None or dead < VACUUM_DEAD_ROWS:
+                return False
+            locked = conn.execute(sa.select(sa.func.pg_try_advisory_lock(self.lock_key))).scalar()
+            if not locked:
+                return False
+            try:
+                started = time.monotonic()
+                conn.exec_driver_sql(f"VACUUM {self.table}")
+                logger.debug(
+                    "vacuumed %s (%d dead rows) in %.2fs",
+                    self.table,
+                    dead,
+                    time.monotonic() - started,
+                )
+            finally:
+                conn.execute(sa.select(sa.func.pg_advisory_unlock(self.lock_key)))
+            conn.commit()
+        return True

@@ -258,6 +258,7 @@ class SqlBroker(dramatiq.Broker):
         self._acks_since = 0.0
         self._next_maintenance = time.monotonic() + self._maintenance_interval() * random.random()
         self._listener: Any = None
+        self._vacuum: Any = None
         self._inherited: list[Any] = []
         self._build_statements()
         if create_tables:
@@ -355,6 +356,9 @@ class SqlBroker(dramatiq.Broker):
     def close(self) -> None:
         """Stop the LISTEN thread and dispose of the engine if the broker made it."""
         listener, self._listener = self._listener, None
+        vacuum, self._vacuum = self._vacuum, None
+        if vacuum is not None and vacuum.pid == os.getpid():
+            vacuum.stop()
         if listener is not None and listener.pid == os.getpid():
             listener._stop.set()
             try:  # an empty notification ends the listener's wait at once
@@ -629,7 +633,7 @@ class SqlBroker(dramatiq.Broker):
     # -- wake-ups ----------------------------------------------------------------
 
     def _ensure_listener(self) -> None:
-        from ._listen import PgListener
+        from ._listen import PgListener, PgVacuum
 
         with self._lock:
             listener = self._listener
@@ -637,11 +641,15 @@ class SqlBroker(dramatiq.Broker):
                 # Inherited across fork(): the thread is gone and the socket is
                 # the parent's.  Keep a reference so it is never closed here.
                 self._inherited.append(listener)
-                listener = self._listener = None
+                listener = self._listener = self._vacuum = None
             if listener is None:
                 listener = PgListener(self.engine, self.channel, self._wake_one, self._wake_all)
                 self._listener = listener
                 listener.start()
+                self._vacuum = PgVacuum(
+                    self.engine, self.messages.name, _lock_key(f"{self.table_prefix}:vacuum")
+                )
+                self._vacuum.start()
 
     def _subscribe(self, consumer: _SqlConsumer) -> None:
         with self._lock:
