@@ -10,8 +10,9 @@ deliveries go to the broker of the same technology:
 Timed: :func:`botkit_tasks.federation.fanout.fan_out` -- read every follower
 (keyset pages from the KV store), prefer shared inboxes, de-duplicate, drop
 unavailable hosts, and enqueue one ``botkit_deliver`` message per inbox
-(``enqueue_many`` in batches of 1,000 on ``SqlBroker``; one ``enqueue`` per
-message on ``RedisBroker``, which has no batch API).
+(``enqueue_many`` in batches of 1,000 on ``SqlBroker``; on ``RedisBroker``,
+which has no batch API, its own enqueue script calls sent through one
+pipeline per batch).
 
 Baseline, same run, same stores: the naive fan-out -- the same follower scan
 but one ``actor.send()`` per inbox.  The ratio ours/baseline is printed.
@@ -158,7 +159,7 @@ def redis_pair() -> Iterator[tuple[KvStore, dramatiq.Broker]]:
 PAIRS = {
     "SQLite  (SqlKvStore + SqlBroker, enqueue_many)": sqlite_pair,
     "Postgres(SqlKvStore + SqlBroker, enqueue_many)": postgres_pair,
-    "Redis   (RedisKvStore + RedisBroker, enqueue)": redis_pair,
+    "Redis   (RedisKvStore + RedisBroker, pipelined)": redis_pair,
 }
 
 

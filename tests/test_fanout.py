@@ -311,3 +311,58 @@ def test_fanout_on_every_backend_enqueues_each_inbox_once(stores: tuple[Any, Any
     assert set(inboxes) == {f"https://h{n:04d}.example/i" for n in range(300)} | {
         "https://big.example/inbox"
     }
+
+
+def test_pipelined_redis_fanout_is_delivered_by_a_real_worker(
+    redis_url: str, server: ScriptedServer
+) -> None:
+    # Given followers in Redis and deliveries queued in Dramatiq's RedisBroker
+    import redis
+    from conftest import unique_name
+    from dramatiq.brokers.redis import RedisBroker
+
+    from botkit_tasks.kv import RedisKvStore
+
+    name = unique_name("fo")
+    kv = RedisKvStore(redis_url, key_prefix=f"{name}-kv:")
+    broker = RedisBroker(url=redis_url, namespace=f"{name}-mq")  # type: ignore[no-untyped-call]
+    for path in ("/shared", "/a"):
+        server.script(path, Reply(202))
+    try:
+        fed = Federation(
+            kv=kv,
+            broker=broker,
+            base_url="http://127.0.0.1:1",
+            username="bot",
+            allow_private_addresses=True,
+            delivery_options=FAST,
+        )
+        for n in range(3):
+            fed.followers.add(
+                {
+                    "id": f"http://s/{n}",
+                    "inbox": server.url("/s"),
+                    "sharedInbox": server.url("/shared"),
+                }
+            )
+        fed.followers.add({"id": "http://a/", "inbox": server.url("/a")})
+        worker = dramatiq.Worker(broker, worker_timeout=50)
+        worker.start()
+        try:
+            # When an activity is published and a worker drains both queues
+            fed.publish(ACTIVITY)
+            broker.join("botkit.fanout", timeout=20_000)
+            broker.join("botkit.outbox", timeout=20_000)
+        finally:
+            worker.stop()
+        # Then the pipelined messages were consumed and each inbox got the activity once
+        assert sorted(r.path for r in server.requests()) == ["/a", "/shared"]
+        assert all(json.loads(r.body) == ACTIVITY for r in server.requests())
+    finally:
+        broker.flush_all()
+        broker.close()
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{name}-*"):
+            client.delete(key)
+        client.close()
+        kv.close()
