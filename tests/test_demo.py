@@ -108,3 +108,26 @@ def test_demo_interrupted_stops_everything() -> None:
 def test_demo_rejects_too_few_followers(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--followers", "3"]) == 2
     assert "at least 20 followers" in capsys.readouterr().err
+
+
+def test_live_progress_redraws_in_place() -> None:
+    from botkit_tasks.demo.display import Progress, bar, table
+
+    frames = iter([["a", "b", "c"], ["d", "e"], ["f", "g"]])
+    out = io.StringIO()
+    progress = Progress(out, lambda live: next(frames), live=True, interval=3600)
+    progress.start()
+    progress.draw()  # three lines
+    progress.draw()  # cursor up three, redraw two, clear the leftover line
+    progress.say("permanent line")
+    progress.stop()  # last frame, cursor shown again
+    text = out.getvalue()
+    assert text.startswith("\x1b[?25l") and text.endswith("\x1b[?25h")
+    assert "\x1b[3F\x1b[2Kd\n\x1b[2Ke\n\x1b[2K\n\x1b[1F" in text
+    assert "permanent line\n" in text
+    assert bar(5, 10, width=10) == "[#####-----]"
+    assert table([["x", 1], ["long", 22]], headers=["name", "n"]) == [
+        "name   n",
+        "x      1",
+        "long  22",
+    ]

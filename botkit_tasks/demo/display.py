@@ -26,17 +26,18 @@ def bar(done: int, total: int, width: int = 24) -> str:
 
 
 def table(rows: Sequence[Sequence[object]], *, headers: Sequence[str] | None = None) -> list[str]:
-    """Rows as aligned text lines; integers are right-aligned."""
+    """Rows as aligned text lines; integer columns (and their headers) are right-aligned."""
     all_rows: list[list[object]] = [list(headers)] if headers else []
     all_rows += [list(r) for r in rows]
-    widths = [max(len(str(r[i])) for r in all_rows) for i in range(len(all_rows[0]))]
+    ncols = len(all_rows[0])
+    widths = [max(len(str(r[i])) for r in all_rows) for i in range(ncols)]
+    numeric = [bool(rows) and all(isinstance(r[i], int) for r in rows) for i in range(ncols)]
     lines = []
-    for n, row in enumerate(all_rows):
-        cells = []
-        for i, cell in enumerate(row):
-            text = str(cell)
-            numeric = isinstance(cell, int) and not (headers and n == 0)
-            cells.append(text.rjust(widths[i]) if numeric else text.ljust(widths[i]))
+    for row in all_rows:
+        cells = [
+            str(cell).rjust(widths[i]) if numeric[i] else str(cell).ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
         lines.append("  ".join(cells).rstrip())
     return lines
 
