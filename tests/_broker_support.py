@@ -105,7 +105,9 @@ def dramatiq_cli(
         yield proc
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            # The master forwards SIGTERM to its workers; signalling the whole
+            # group would deliver a second one, which Dramatiq treats as "kill".
+            proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:

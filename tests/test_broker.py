@@ -268,6 +268,25 @@ def test_dead_letters_keep_the_traceback_and_can_be_requeued(backend: Backend) -
     assert backend.dead_letters(broker, queue) == []
 
 
+def test_dead_letters_expire_after_their_ttl(backend: Backend) -> None:
+    if not backend.is_sql:
+        pytest.skip("RedisBroker's dead_message_ttl is in ms and purged at random")
+    # Given dead letters kept 1 s and maintenance every 0.1 s (heartbeat_timeout / 4)
+    broker = backend.make_broker(dead_message_ttl=1.0, heartbeat_timeout=0.4)
+    queue = unique_name("q")
+
+    @dramatiq.actor(broker=broker, queue_name=queue, max_retries=0)
+    def doomed() -> None:
+        raise RuntimeError("doomed")
+
+    with running_worker(broker):
+        doomed.send()
+        broker.join(queue, timeout=10_000)
+        assert len(broker.dead_letters(queue)) == 1
+        # Then a running consumer's maintenance purges it once it is old enough
+        assert wait_until(lambda: broker.dead_letters(queue) == [], 10, interval=0.1)
+
+
 def test_enqueue_many_zero_one_thousands_and_all_or_nothing(backend: Backend) -> None:
     if not backend.is_sql:
         pytest.skip("RedisBroker has no enqueue_many")

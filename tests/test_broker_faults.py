@@ -249,3 +249,37 @@ def test_lost_listen_connection_is_reestablished(
         broker.drop_tables()
         sender.close()
         broker.close()
+
+
+def test_enqueue_retries_over_terminated_connections(
+    database_url: str, prefix: str, admin: sa.Engine
+) -> None:
+    # Given a broker whose pooled connections the server has since terminated
+    app = unique_name("botkit_enqueue_")
+    broker = SqlBroker(with_app_name(database_url, app), table_prefix=prefix)
+    queue = unique_name("q")
+    try:
+        broker.enqueue(message(queue, "noop", 1))
+        broker.enqueue_many([message(queue, "noop", 2), message(queue, "noop", 3)])
+        with admin.begin() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = :app"
+                ),
+                {"app": app},
+            ).scalar()
+        assert killed
+
+        # When messages are enqueued again, one at a time and in a batch
+        broker.enqueue(message(queue, "noop", 4))
+        broker.enqueue_many([message(queue, "noop", 5), message(queue, "noop", 6)])
+
+        # Then the broker retried on fresh connections and stored all of them
+        m = broker.messages
+        with broker.engine.connect() as conn:
+            stored = conn.execute(sa.select(sa.func.count()).select_from(m)).scalar()
+        assert stored == 6
+    finally:
+        broker.drop_tables()
+        broker.close()

@@ -198,7 +198,10 @@ class SqlBroker(dramatiq.Broker):
         url_or_engine: A database URL (``postgresql://…`` or ``sqlite:///…``)
             or a SQLAlchemy ``Engine``.  Pass the engine you use with
             :func:`botkit_tasks.atomic` so that ``send()`` inside the block
-            joins its transaction.  An engine you pass is never disposed.
+            joins its transaction.  An engine you pass is never disposed;
+            size its pool for one connection per consumer (Dramatiq runs two
+            consumers per queue in each worker process) plus the worker
+            threads.
         middleware: Dramatiq middleware; ``None`` means Dramatiq's defaults.
         table_prefix: Prefix of every table, index and notification channel
             the broker creates.
@@ -235,8 +238,13 @@ class SqlBroker(dramatiq.Broker):
         super().__init__(middleware=middleware)
         if isinstance(url_or_engine, (str, URL)):
             # Our own engine needs no pre-ping round trip per checkout: enqueue
-            # retries on a dead connection and consumers restart on one.
-            self.engine, self._owns_engine = create_engine(url_or_engine, pool_pre_ping=False), True
+            # retries on a dead connection and consumers restart on one.  Each
+            # consumer holds a connection (two per queue per process), so the
+            # overflow is unbounded lest many queues starve the worker threads.
+            engine = create_engine(
+                url_or_engine, pool_pre_ping=False, pool_size=10, max_overflow=-1
+            )
+            self.engine, self._owns_engine = engine, True
         else:
             self.engine, self._owns_engine = resolve_engine(url_or_engine)
         if self.engine.dialect.name not in ("postgresql", "sqlite"):
@@ -315,9 +323,18 @@ class SqlBroker(dramatiq.Broker):
             .limit(sa.bindparam("limit", type_=sa.Integer))
             .with_for_update(skip_locked=True)
         )
+        if self.is_postgres:
+            # A materialized CTE runs the locking SELECT exactly once.  With
+            # "id IN (SELECT … LIMIT n FOR UPDATE SKIP LOCKED)" the planner may
+            # re-run the subquery per row of a join, each run locking further
+            # rows, and claim far more than n (seen on a bloated table).
+            picked = pick.cte("picked").prefix_with("MATERIALIZED")
+            target = m.c.id == picked.c.id
+        else:
+            target = m.c.id.in_(pick.scalar_subquery())
         self._claim = (
             m.update()
-            .where(m.c.id.in_(pick.scalar_subquery()))
+            .where(target)
             .values(state=CONSUMED, worker_id=sa.bindparam("worker"), consumed_at=now)
             .returning(m.c.id, m.c.available_at, m.c.data)
         )
@@ -681,8 +698,13 @@ class SqlBroker(dramatiq.Broker):
             orphan = not any(self._waiters.values())
         if orphan:
             # No consumer left to flush it (e.g. an ack after shutdown began).
-            with self.engine.begin() as conn:
-                self._flush_acks(conn)
+            try:
+                with self.engine.begin() as conn:
+                    self._flush_acks(conn)
+            except sa.exc.DBAPIError as exc:
+                if _is_transient(self.engine, exc):
+                    raise _closed(exc) from exc
+                raise
 
     def _acks_due(self, now: float) -> bool:
         return bool(self._acks) and now - self._acks_since >= ACK_DELAY
@@ -727,7 +749,19 @@ class SqlBroker(dramatiq.Broker):
             return True
 
     def _maintain(self, conn: Connection) -> None:
-        """Hand back rows of consumers whose heartbeat lapsed; purge old dead letters."""
+        """Hand back rows of consumers whose heartbeat lapsed; purge old dead letters.
+
+        ``conn`` is the calling consumer's connection; on PostgreSQL it is in
+        autocommit mode, so a pooled connection runs the transaction instead
+        (the advisory lock must last until it commits).
+        """
+        if self.is_postgres:
+            with self.engine.connect() as pooled:
+                self._maintain_in(pooled)
+        else:
+            self._maintain_in(conn)
+
+    def _maintain_in(self, conn: Connection) -> None:
         m, w = self.messages, self.workers
         with conn.begin():
             if self.is_postgres:
