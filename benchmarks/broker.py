@@ -355,7 +355,10 @@ def wait_empty(target: Target, workers: Workers, timeout: float) -> float:
         if not workers.alive():
             raise RuntimeError(f"workers exited; see {workers.log_path}")
         time.sleep(0.05)
-    raise TimeoutError(f"{target.kind}: queue not empty after {timeout:.0f} s")
+    raise TimeoutError(
+        f"{target.kind}: {target.remaining()} message(s) still queued or in flight after "
+        f"{timeout:.0f} s; worker log: {workers.log_path}"
+    )
 
 
 # --- measurements ---------------------------------------------------------------
@@ -635,9 +638,10 @@ def main(argv: list[str] | None = None) -> int:
         kinds.remove("dramatiq-postgres")
     workdir = Path(tempfile.mkdtemp(prefix="botkit-bench-"))
     probes = [commit_rate(args.database_url)]
-    try:
-        results = run_all(kinds, args, sizes, workdir)
-    finally:
+    results = run_all(kinds, args, sizes, workdir)
+    if any(r.notes for r in results.values()):
+        print(f"worker logs kept in {workdir}", file=sys.stderr)
+    else:
         shutil.rmtree(workdir, ignore_errors=True)
     probes.append(commit_rate(args.database_url))
     return report(results, sizes, args.repeat, probes)
