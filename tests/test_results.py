@@ -114,9 +114,8 @@ def test_results_through_a_worker_on_sql_broker(
     backend_name: str, request: pytest.FixtureRequest, tmp_path: Any
 ) -> None:
     pytest.importorskip("botkit_tasks.brokers.sql")
-    from botkit_tasks.brokers.sql import SqlBroker
-
     from botkit_tasks._sql import create_engine
+    from botkit_tasks.brokers.sql import SqlBroker
     from botkit_tasks.kv import SqlKvStore
 
     if backend_name == "sqlite":
@@ -289,3 +288,54 @@ def test_barrier_wait_times_out(kv: Any) -> None:
     started = time.monotonic()
     assert barrier.wait(block=True, timeout=300) is False
     assert time.monotonic() - started >= 0.25
+
+
+_INCR_SCRIPT = """
+import sys
+from botkit_tasks.kv import SqlKvStore
+from botkit_tasks.results import KvRateLimiterBackend
+
+url, table, key = sys.argv[1:4]
+backend = KvRateLimiterBackend(SqlKvStore(url, table_name=table))
+print(sum(backend.incr(key, 1, 50, 60_000) for _ in range(25)))
+"""
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "postgres"])
+def test_counters_are_exact_across_processes(
+    backend_name: str, request: pytest.FixtureRequest, tmp_path: Any
+) -> None:
+    import subprocess
+    import sys
+
+    from botkit_tasks.kv import SqlKvStore
+
+    if backend_name == "sqlite":
+        url = f"sqlite:///{tmp_path}/kv.sqlite3"
+    else:
+        url = request.getfixturevalue("database_url")
+    table = unique_name("kv_")
+    store = SqlKvStore(url, table_name=table)  # created before the race
+    key = unique_name("counter")
+    try:
+        # Given three processes each trying 25 increments under a ceiling of 50
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _INCR_SCRIPT, url, table, key],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        successes = [int(p.communicate(timeout=100)[0]) for p in procs]
+        # Then exactly 50 succeed in total and the stored counter is 50
+        assert sum(successes) == 50
+        assert KvRateLimiterBackend(store).decr(key, 50, 0, 60_000)
+        assert not KvRateLimiterBackend(store).decr(key, 1, 0, 60_000)
+    finally:
+        if backend_name == "postgres":
+            import sqlalchemy as sa
+
+            with store.engine.begin() as conn:
+                conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
+        store.close()
