@@ -9,6 +9,8 @@ One run, the same no-op actor, the same Dramatiq default middleware, the same
   queue being empty (worker boot included, as a deployment sees it);
 - **pickup latency** on an idle queue: one message at a time carries its send
   time, the actor records when it ran (p50, p99);
+- **worker CPU per message** during the drain (the whole ``dramatiq`` process
+  tree, boot included, divided by the messages);
 - **idle CPU** of the whole waiting ``dramatiq`` process tree (main process and
   both worker processes), from ``/proc``, over 10 s;
 - **bloat**: the drain again after 200,000 messages have gone through the
@@ -106,6 +108,10 @@ class Result:
     @property
     def drain(self) -> float | None:
         return self.median("drain")
+
+    @property
+    def drain_cpu_us(self) -> float | None:
+        return self.median("drain_cpu_us")
 
     @property
     def p50_ms(self) -> float | None:
@@ -410,12 +416,19 @@ def measure_idle_cpu(sizes: Sizes, result: Result, workers: Workers) -> None:
     result.add("idle_cpu", 100.0 * (after - before) / (t1 - t0))
 
 
-def drain(target: Target, n: int, args: argparse.Namespace) -> tuple[float, Workers]:
+def drain(target: Target, n: int, args: argparse.Namespace) -> tuple[float, float, Workers]:
+    """Fill ``n`` messages, start workers, wait until empty.
+
+    Returns:
+        ``(messages per second, worker CPU microseconds per message, workers)``;
+        the CPU is the whole process tree's, boot included.
+    """
     target.fill(n)
     assert target.remaining() == n, f"{target.kind}: expected {n} queued"
     workers = Workers(target, args.processes, args.threads)
     seconds = wait_empty(target, workers, timeout=max(120.0, n / 100))
-    return n / seconds, workers
+    cpu = Workers.cpu_seconds(workers.tree_pids())
+    return n / seconds, cpu / n * 1e6, workers
 
 
 def measure_bloat(target: Target, sizes: Sizes, result: Result, args: argparse.Namespace) -> None:
@@ -426,7 +439,7 @@ def measure_bloat(target: Target, sizes: Sizes, result: Result, args: argparse.N
         wait_empty(target, workers, timeout=max(300.0, sizes.bloat / 100))
     finally:
         workers.stop()
-    rate, workers = drain(target, sizes.drain, args)
+    rate, _cpu, workers = drain(target, sizes.drain, args)
     workers.stop()
     result.add("bloat_drain", rate)
 
@@ -438,8 +451,9 @@ def run_round(target: Target, args: argparse.Namespace, sizes: Sizes, result: Re
         log(f"{label}: enqueue")
         measure_enqueue(target, sizes, result)
         log(f"{label}: drain of {sizes.drain:,}")
-        rate, workers = drain(target, sizes.drain, args)
+        rate, cpu_us, workers = drain(target, sizes.drain, args)
         result.add("drain", rate)
+        result.add("drain_cpu_us", cpu_us)
         try:
             log(f"{label}: idle pickup latency")
             measure_latency(target, sizes, result, workers)
@@ -522,7 +536,7 @@ def report(
     results: dict[str, Result], sizes: Sizes, repeat: int, probes: list[float | None]
 ) -> int:
     header = (
-        f"{'broker':<22} {'enqueue/s':>10} {'enq_many/s':>11} {'drain/s':>9} "
+        f"{'broker':<22} {'enqueue/s':>10} {'enq_many/s':>11} {'drain/s':>9} {'CPU us':>7} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'idle CPU':>9} {'drain/s':>9} {'drop':>7}"
     )
     print()
@@ -538,7 +552,7 @@ def report(
         )
     print(header)
     print(
-        f"{'':<22} {'':>10} {'':>11} {'(fresh)':>9} {'':>8} {'':>8} {'(tree)':>9} "
+        f"{'':<22} {'':>10} {'':>11} {'(fresh)':>9} {'/msg':>7} {'':>8} {'':>8} {'(tree)':>9} "
         f"{'(bloat)':>9} {'':>7}"
     )
     print("-" * len(header))
@@ -548,7 +562,8 @@ def report(
         drop_text = "—" if drop is None else f"{100 * drop:.1f}%"
         print(
             f"{LABELS[kind]:<22} {fmt(r.enqueue_one):>10} {fmt(r.enqueue_many):>11} "
-            f"{fmt(r.drain):>9} {fmt(r.p50_ms, '.1f'):>8} {fmt(r.p99_ms, '.1f'):>8} "
+            f"{fmt(r.drain):>9} {fmt(r.drain_cpu_us):>7} "
+            f"{fmt(r.p50_ms, '.1f'):>8} {fmt(r.p99_ms, '.1f'):>8} "
             f"{cpu:>9} {fmt(r.bloat_drain):>9} {drop_text:>7}"
         )
         for note in r.notes:
