@@ -139,7 +139,8 @@ class RedisInspector(Inspector):
     def retrying(self, *, limit: int | None = None) -> list[RetryingMessage]:
         found = []
         for name in self._queue_names():
-            for data in self.client.hvals(self._key(f"{dq_name(name)}.msgs")):
+            # HSCAN, not HVALS: a long delay queue is read in pages, not one reply.
+            for _, data in self.client.hscan_iter(self._key(f"{dq_name(name)}.msgs"), count=500):
                 message = _decode(data)
                 if message is None or not message.options.get("retries"):
                     continue
@@ -157,9 +158,14 @@ class RedisInspector(Inspector):
         found.sort(key=lambda r: (r.eta is None, r.eta.timestamp() if r.eta else 0.0, r.message_id))
         return found if limit is None else found[:limit]
 
-    def _dead_entries(self, name: str) -> list[tuple[str, float, dramatiq.Message[Any] | None]]:
+    def _dead_entries(
+        self, name: str, limit: int | None = None
+    ) -> list[tuple[str, float, dramatiq.Message[Any] | None]]:
+        """Dead letters of ``name``, most recent first (the newest ``limit`` only)."""
         xq = self._key(xq_name(name))
-        entries = self.client.zrevrange(xq, 0, -1, withscores=True)
+        if limit is not None and limit <= 0:
+            return []
+        entries = self.client.zrevrange(xq, 0, -1 if limit is None else limit - 1, withscores=True)
         if not entries:
             return []
         datas = self.client.hmget(f"{xq}.msgs", [redis_id for redis_id, _ in entries])
@@ -174,7 +180,8 @@ class RedisInspector(Inspector):
         names = [q_name(queue)] if queue is not None else self._queue_names()
         letters = []
         for name in names:
-            for redis_id, score, message in self._dead_entries(name):
+            # The newest `limit` of each queue include the newest `limit` overall.
+            for redis_id, score, message in self._dead_entries(name, limit):
                 if message is None:
                     letters.append(DeadLetter(redis_id, name, "", (), {}, 0, None, _from_ms(score)))
                     continue
