@@ -228,10 +228,9 @@ def inspect(broker: dramatiq.Broker) -> Inspector:
         from .redis import RedisInspector
 
         return RedisInspector(broker)
-    # Looked up by name so the monitor never imports more of the package than it needs.
-    if any(cls.__name__ == "SqlBroker" for cls in type(broker).__mro__) and hasattr(
-        broker, "table_prefix"
-    ):
+    from ..brokers.sql import SqlBroker
+
+    if isinstance(broker, SqlBroker):
         from .sql import SqlInspector
 
         return SqlInspector(broker)

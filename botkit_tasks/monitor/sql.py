@@ -20,6 +20,7 @@ from dramatiq.common import dq_name, q_name
 from sqlalchemy.engine import Connection, Engine
 
 from .._sql import atomic, is_sqlite, transaction
+from ..brokers.sql import SqlBroker
 from . import (
     DeadLetter,
     Inspector,
@@ -46,8 +47,7 @@ def _now_ms(conn: Connection) -> int:
 class SqlInspector(Inspector):
     """An :class:`~botkit_tasks.monitor.Inspector` over a SqlBroker's tables."""
 
-    def __init__(self, broker: Any) -> None:
-        # Any: typed as SqlBroker would make the monitor import the broker module.
+    def __init__(self, broker: SqlBroker) -> None:
         self.broker = broker
         self.engine: Engine = broker.engine
         prefix: str = broker.table_prefix
