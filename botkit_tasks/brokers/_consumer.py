@@ -1,0 +1,401 @@
+"""The consumer of :class:`~botkit_tasks.brokers.sql.SqlBroker`: batched claims, grouped acks.
+
+A consumer claims up to ``prefetch`` rows of one queue at a time with
+``FOR UPDATE SKIP LOCKED`` and hands them out one by one.  Acks only record
+the row id; the ids are deleted in one statement together with the next claim
+(or within :data:`ACK_DELAY`), which is where most of the throughput comes
+from.  Each consumer holds its own connection, heartbeats under its own
+worker id, and sleeps on an event that NOTIFY, local commits and acks set.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from dramatiq.broker import Consumer, MessageProxy
+from dramatiq.common import current_millis
+from dramatiq.errors import ConnectionClosed
+from dramatiq.logging import get_logger
+from dramatiq.message import Message
+from sqlalchemy.engine import Connection, Engine
+
+from .._sql import is_postgres
+
+if TYPE_CHECKING:
+    from .sql import SqlBroker
+
+#: Most rows one claim takes (the delay-queue consumer asks for thousands).
+MAX_CLAIM = 500
+#: Longest time (s) an ack waits to be grouped with others into one DELETE.
+ACK_DELAY = 0.005
+#: Most ids in one ``IN (...)`` list (SQLite caps bound parameters).
+_CHUNK = 5000
+
+# States are rendered as literals, never bound: with a bound value a prepared
+# (generic) plan cannot prove "state = 'queued'" and skips the partial index.
+QUEUED: sa.ColumnElement[str] = sa.literal_column("'queued'")
+CONSUMED: sa.ColumnElement[str] = sa.literal_column("'consumed'")
+DEAD: sa.ColumnElement[str] = sa.literal_column("'dead'")
+
+
+def _is_transient(engine: Engine, exc: BaseException) -> bool:
+    """Whether ``exc`` is a lost connection or (SQLite) a busy database."""
+    if not isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if is_postgres(engine):
+        return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+    text = str(exc.orig).lower()
+    return isinstance(exc, sa.exc.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def _closed(exc: BaseException) -> ConnectionClosed:
+    return ConnectionClosed(exc)  # type: ignore[no-untyped-call]
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[list[int]]:
+    for start in range(0, len(ids), _CHUNK):
+        yield list(ids[start : start + _CHUNK])
+
+
+class SqlMessageProxy(MessageProxy):
+    """A claimed message; ``row_id`` is its delivery row in ``{prefix}messages``."""
+
+    def __init__(self, message: Message[Any], row_id: int) -> None:
+        super().__init__(message)
+        self.row_id = row_id
+
+
+class SqlConsumer(Consumer):
+    """Claims batches of rows for one queue; see the module docstring."""
+
+    def __init__(self, broker: SqlBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        self.logger = get_logger(__name__, type(self))  # type: ignore[no-untyped-call]
+        self.broker = broker
+        self.queue_name = queue_name
+        self.prefetch = max(int(prefetch), 1)
+        self.timeout = timeout
+        self.worker_id = uuid.uuid4().hex
+        self._refill = max(1, self.prefetch // 2)
+        self._cache: deque[SqlMessageProxy] = deque()
+        self._unacked: set[int] = set()  # claimed rows not acked/nacked/requeued yet
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        self._notified = True  # poll once at start
+        self._next_poll = 0.0
+        self._coalesce_until: float | None = None
+        self._drained = False
+        self._hold_until: float | None = None
+        self._need_due = False
+        self._next_heartbeat = 0.0
+        self._registered = False
+        self._closed = False
+        self._conn: Connection | None = None
+        broker._subscribe(self)
+
+    # Called from the listener thread, enqueuing threads and worker threads.
+    def wake(self) -> None:
+        self._notified = True
+        self._event.set()
+
+    def _connection(self) -> Connection:
+        # One connection per consumer, used only on the consumer thread: claims
+        # never join an ambient atomic() block and skip the pool's pre-ping.
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            if self._conn is not None:
+                self._conn.close()
+            conn = self.broker.engine.connect()
+            if self.broker.is_postgres:
+                # Claims and acks need no durable commit: a claim or an ack lost
+                # in a server crash only means the message runs again, which
+                # at-least-once delivery allows.  Enqueues stay durable: they
+                # use other (pooled) connections.  Autocommit makes each claim
+                # one round trip; the connection is discarded on close so these
+                # settings never reach the pool.
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql("SET synchronous_commit TO off")
+                conn.commit()  # ends SQLAlchemy's autobegun (no-op) transaction
+            self._conn = conn
+        return self._conn
+
+    def __next__(self) -> SqlMessageProxy | None:
+        try:
+            return self._next()
+        except sa.exc.DBAPIError as exc:
+            if _is_transient(self.broker.engine, exc):
+                raise _closed(exc) from exc
+            raise
+
+    def _next(self) -> SqlMessageProxy | None:
+        deadline = time.monotonic() + self.timeout / 1000
+        while True:
+            if self._cache:
+                return self._hand_out(self._cache.popleft())
+            now = time.monotonic()
+            if self._hold_until is not None and now >= self._hold_until:
+                # The worker releases delayed messages only after __next__
+                # returns; return now so that a held one goes out on time.
+                self._hold_until = None
+                return None
+            free = self.prefetch - len(self._unacked)
+            if free > 0 and self._should_claim(free, now):
+                if self._claim(min(free, MAX_CLAIM)):
+                    continue
+            elif now >= self._next_heartbeat or self.broker._acks_due(now):
+                self._flush()
+            if self._need_due:
+                self._schedule_poll(self._connection())
+            if self.broker._maintenance_due():
+                self.broker._maintain(self._connection())
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            # Sleep until something can change the decision above; every
+            # condition is re-read from state afterwards, so clearing the
+            # event after the wait loses no wake-up.
+            wake_at = min(deadline, self._next_heartbeat)
+            if self.prefetch > len(self._unacked):
+                wake_at = min(wake_at, self._next_poll)
+                if self._coalesce_until is not None:
+                    wake_at = min(wake_at, self._coalesce_until)
+            if self.broker._acks:
+                wake_at = min(wake_at, self.broker._acks_since + ACK_DELAY)
+            if self._hold_until is not None:
+                wake_at = min(wake_at, self._hold_until)
+            self._event.wait(max(wake_at - now, 0.0))
+            self._event.clear()
+
+    def _hand_out(self, proxy: SqlMessageProxy) -> SqlMessageProxy:
+        eta = proxy.options.get("eta")
+        if isinstance(eta, (int, float)):
+            # Due by the database clock but maybe not yet by this host's: the
+            # worker holds it until its ETA, so wake up then.
+            wait = (eta - current_millis()) / 1000
+            if wait > 0:
+                hold = time.monotonic() + wait + 0.001
+                if self._hold_until is None or hold < self._hold_until:
+                    self._hold_until = hold
+        return proxy
+
+    def _should_claim(self, free: int, now: float) -> bool:
+        if self._notified or now >= self._next_poll:
+            return True
+        if self._drained:
+            return False  # nothing was left at the last claim; wait for a wake-up
+        if free >= self._refill:
+            return True
+        if self._coalesce_until is None:
+            # Only a few slots are free: wait briefly for more acks so that
+            # claims stay batched instead of one row per transaction.
+            self._coalesce_until = now + ACK_DELAY
+            return False
+        return now >= self._coalesce_until
+
+    def _claim(self, limit: int) -> bool:
+        """Delete pending acks, heartbeat if due, claim up to ``limit`` rows."""
+        broker = self.broker
+        self._notified = False
+        self._event.clear()
+        self._coalesce_until = None
+        conn = self._connection()
+        params = {"queue": self.queue_name, "limit": limit, "worker": self.worker_id}
+        # On PostgreSQL the connection is in autocommit mode: begin() emits
+        # nothing and each statement commits on its own.
+        with conn.begin():
+            self._heartbeat(conn, time.monotonic())
+            if broker.is_postgres:
+                acks, restore = broker._take_acks()
+                try:
+                    rows = list(conn.execute(broker._ack_and_claim, {**params, "acks": acks}))
+                except BaseException:
+                    restore()
+                    raise
+            else:
+                restore = broker._flush_acks(conn)
+                try:
+                    rows = list(conn.execute(broker._claim, params))
+                except BaseException:
+                    restore()
+                    raise
+        self._drained = len(rows) < limit
+        if self._drained:
+            if rows:
+                # Hand the rows out first; look up the next due time after.
+                self._need_due = True
+                self._next_poll = time.monotonic() + broker.poll_interval
+            else:
+                self._schedule_poll(conn)
+        else:
+            self._next_poll = time.monotonic() + broker.poll_interval
+        if not rows:
+            return False
+        rows.sort(key=lambda row: (row[1], row[0]))
+        bad: list[tuple[int, str]] = []
+        with self._lock:
+            for row_id, _available_at, data in rows:
+                self._unacked.add(row_id)
+                try:
+                    message = Message.decode(bytes(data))
+                except Exception as exc:
+                    bad.append((row_id, f"could not decode message: {exc!r}"[:2000]))
+                    continue
+                self._cache.append(SqlMessageProxy(message, row_id))
+        if bad:
+            self._dead_letter_undecodable(bad)
+        return True
+
+    def _schedule_poll(self, conn: Connection) -> None:
+        """Poll again at the next due time of a delayed row, or after poll_interval."""
+        self._need_due = False
+        with conn.begin():
+            due_in = conn.execute(self.broker._next_due, {"queue": self.queue_name}).scalar()
+        poll = self.broker.poll_interval
+        if due_in is not None:
+            poll = min(poll, max(due_in, 1) / 1000)
+        self._next_poll = time.monotonic() + poll
+
+    def _heartbeat(self, conn: Connection, now: float) -> None:
+        if now < self._next_heartbeat:
+            return
+        conn.execute(
+            self.broker._heartbeat,
+            {"worker": self.worker_id, "pid": os.getpid(), "queues": self.queue_name},
+        )
+        self._registered = True
+        self._next_heartbeat = now + self.broker.heartbeat_timeout / 4
+
+    def _flush(self) -> None:
+        conn = self._connection()
+        with conn.begin():
+            self.broker._flush_acks(conn)
+            self._heartbeat(conn, time.monotonic())
+
+    def _dead_letter_undecodable(self, bad: list[tuple[int, str]]) -> None:
+        m = self.broker.messages
+        self.logger.error("Dead-lettering %d undecodable message(s): %s", len(bad), bad[0][1])
+        conn = self._connection()
+        with conn.begin():
+            conn.execute(
+                m.update()
+                .where(m.c.id == sa.bindparam("row_id"))
+                .values(
+                    state=DEAD,
+                    dead_at=self.broker._now,
+                    worker_id=None,
+                    last_error=sa.bindparam("error"),
+                ),
+                [{"row_id": row_id, "error": error} for row_id, error in bad],
+            )
+        with self._lock:
+            self._unacked.difference_update(row_id for row_id, _ in bad)
+
+    def _release(self, row_ids: Iterable[int]) -> None:
+        with self._lock:
+            before = self.prefetch - len(self._unacked)
+            self._unacked.difference_update(row_ids)
+            after = self.prefetch - len(self._unacked)
+        if before < self._refill <= after:
+            self._event.set()
+
+    # Called from worker threads.
+    def ack(self, message: MessageProxy) -> None:
+        """Mark ``message`` done; its row is deleted with the next grouped flush."""
+        row_id = getattr(message, "row_id", None)
+        if row_id is None:
+            return
+        self._release((row_id,))
+        self.broker._add_ack(row_id)
+
+    def nack(self, message: MessageProxy) -> None:
+        """Keep ``message`` as a dead letter, with its final options (traceback, retries)."""
+        row_id = getattr(message, "row_id", None)
+        if row_id is None:
+            return
+        m = self.broker.messages
+        options = message.options
+        retries = options.get("retries", 0)
+        traceback = options.get("traceback")
+        try:
+            with self.broker.engine.begin() as conn:
+                conn.execute(
+                    m.update()
+                    .where(m.c.id == row_id)
+                    .values(
+                        state=DEAD,
+                        dead_at=self.broker._now,
+                        worker_id=None,
+                        data=message._message.encode(),
+                        retries=retries if isinstance(retries, int) else 0,
+                        last_error=traceback if isinstance(traceback, str) else None,
+                    )
+                )
+        except sa.exc.DBAPIError as exc:
+            if _is_transient(self.broker.engine, exc):
+                raise _closed(exc) from exc
+            raise
+        self._release((row_id,))
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        """Put claimed but unprocessed messages back at their place in the queue."""
+        ids = [row_id for m in messages if (row_id := getattr(m, "row_id", None)) is not None]
+        if not ids:
+            return
+        self._requeue_ids(ids, self.broker.engine.begin)
+        self._release(ids)
+        self.broker._wake_one(self.queue_name)
+
+    def _requeue_ids(self, ids: list[int], begin: Callable[[], Any]) -> None:
+        m = self.broker.messages
+        try:
+            with begin() as conn:
+                for chunk in _chunks(ids):
+                    conn.execute(
+                        m.update()
+                        .where(m.c.id.in_(chunk), m.c.state == CONSUMED)
+                        .values(state=QUEUED, worker_id=None, consumed_at=None)
+                    )
+                self.broker._notify_on(conn, [self.queue_name], local=False)
+        except sa.exc.DBAPIError as exc:
+            if _is_transient(self.broker.engine, exc):
+                raise _closed(exc) from exc
+            raise
+
+    def close(self) -> None:
+        """Flush acks, hand back messages claimed but never returned, release the connection.
+
+        If the database is unreachable the remaining rows come back through
+        heartbeat expiry, since this consumer's worker id stops heartbeating.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.broker._unsubscribe(self)
+        with self._lock:
+            cached = [proxy.row_id for proxy in self._cache]
+            self._cache.clear()
+        try:
+            conn = self._connection()
+            if cached:
+                self._requeue_ids(cached, conn.begin)
+                self._release(cached)
+            self._flush()
+            if not self._unacked and self._registered:
+                w = self.broker.workers
+                with conn.begin():
+                    conn.execute(w.delete().where(w.c.worker_id == self.worker_id))
+        except (sa.exc.DBAPIError, ConnectionClosed) as exc:
+            self.logger.warning("Could not close consumer of %r cleanly: %s", self.queue_name, exc)
+        finally:
+            if self._conn is not None:
+                if self.broker.is_postgres and not self._conn.invalidated:
+                    self._conn.invalidate()
+                self._conn.close()
+                self._conn = None
