@@ -124,7 +124,8 @@ class DeliveryOptions:
     """Retry, timeout and size policy of deliveries.  Durations are in seconds.
 
     Attributes:
-        max_retries: Retries after the first attempt before the job is dead.
+        max_retries: Retries after the first attempt before the job is dead;
+            the default 9 makes 10 attempts in all (DESIGN §3).
         min_backoff: Delay before the first retry; doubled for each further
             retry, with jitter (each delay is drawn from ``[d, 2d)``).
         max_backoff: Cap on one retry delay, ``Retry-After`` included (12 h).
@@ -144,7 +145,7 @@ class DeliveryOptions:
             tests can move between days.
     """
 
-    max_retries: int = 10
+    max_retries: int = 9
     min_backoff: float = 1.0
     max_backoff: float = 12 * 3600.0
     connect_timeout: float = 5.0

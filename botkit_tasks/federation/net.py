@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -291,29 +292,37 @@ class Fetcher:
         self.total_timeout = total_timeout
         self._owns_client = client is None
         self._client = client
+        # Worker threads share one fetcher: without the lock, racing first
+        # fetches would each build a client and leak all but one.
+        self._client_lock = threading.Lock()
 
     @property
     def client(self) -> httpx.Client:
         """The HTTP client (created on first use when none was given)."""
-        if self._client is None:
-            self._client = httpx.Client(
-                transport=guarded_transport(allow_private_addresses=self.allow_private_addresses),
-                timeout=httpx.Timeout(
-                    connect=CONNECT_TIMEOUT,
-                    read=READ_TIMEOUT,
-                    write=READ_TIMEOUT,
-                    pool=CONNECT_TIMEOUT,
-                ),
-                follow_redirects=False,
-                trust_env=False,
-            )
-        return self._client
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._new_client()
+            return self._client
+
+    def _new_client(self) -> httpx.Client:
+        return httpx.Client(
+            transport=guarded_transport(allow_private_addresses=self.allow_private_addresses),
+            timeout=httpx.Timeout(
+                connect=CONNECT_TIMEOUT,
+                read=READ_TIMEOUT,
+                write=READ_TIMEOUT,
+                pool=CONNECT_TIMEOUT,
+            ),
+            follow_redirects=False,
+            trust_env=False,
+        )
 
     def close(self) -> None:
         """Close the client if this fetcher created it; idempotent."""
-        if self._owns_client and self._client is not None:
-            self._client.close()
-            self._client = None
+        with self._client_lock:
+            if self._owns_client and self._client is not None:
+                self._client.close()
+                self._client = None
 
     def __enter__(self) -> Fetcher:
         return self
