@@ -16,7 +16,7 @@ Why these types:
   back as an integer and reorder nothing we need.  ``cas`` compares the stored
   canonical text with the expected canonical text, which is structural JSON
   equality with types (``true`` is not ``1``).
-* Expiry times come from the database clock (``clock_timestamp()`` on
+* Expiry times come from the database clock (``statement_timestamp()`` on
   PostgreSQL, ``julianday('now')`` on SQLite), so application hosts with skewed
   clocks agree on what has expired.  Expired rows are invisible to every read;
   about one write in :data:`RECLAIM_EVERY` also deletes up to
@@ -76,7 +76,10 @@ RECLAIM_BATCH = 200
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 
 _NOW = {
-    "postgresql": "(extract(epoch from clock_timestamp()) * 1000)::bigint",
+    # statement_timestamp() is STABLE (clock_timestamp() is volatile), so the
+    # planner can use it as an index bound on expires_at; and unlike now() it
+    # keeps moving inside a long atomic() transaction.
+    "postgresql": "(extract(epoch from statement_timestamp()) * 1000)::bigint",
     # 2440587.5 is the Julian day of the Unix epoch.
     "sqlite": "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
 }
