@@ -58,6 +58,7 @@ class PgListener:
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
+        self._raw: Any = None
         self._thread = threading.Thread(
             target=self._run, name=f"botkit-listen-{channel}", daemon=True
         )
@@ -72,10 +73,15 @@ class PgListener:
             self._thread.join(timeout)
 
     def _connect(self) -> psycopg.Connection[Any]:
-        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
-        cparams = {k: v for k, v in cparams.items() if k != "context"}
-        cparams.setdefault("application_name", f"botkit_tasks listener {self.channel}"[:63])
-        conn = psycopg.connect(*cargs, autocommit=True, connect_timeout=10, **cparams)
+        # Detached from the pool: the pool never recycles, pings or hands out
+        # this connection (closing it really closes it), yet it is made with
+        # the engine's own connect arguments and hooks.
+        raw = self.engine.raw_connection()
+        conn: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
+        raw.detach()
+        self._raw = raw
+        conn.rollback()
+        conn.autocommit = True
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
         return conn
 
@@ -93,17 +99,17 @@ class PgListener:
                             break
                         if notify.payload:
                             self.on_notify(notify.payload)
-            except psycopg.Error as exc:
+            except (psycopg.Error, sa.exc.DBAPIError) as exc:
                 if not self._stop.is_set():
                     logger.warning("LISTEN connection lost (%s); reconnecting", exc)
             except Exception:  # keep the wake-ups alive whatever a callback does
                 logger.exception("unexpected error in the LISTEN thread")
             finally:
                 self.connected.clear()
-                conn, self._conn = self._conn, None
-                if conn is not None:
+                raw, self._raw, self._conn = self._raw, None, None
+                if raw is not None:
                     try:
-                        conn.close()
+                        raw.close()
                     except Exception:
                         logger.debug("closing the LISTEN connection failed", exc_info=True)
             self._stop.wait(delay)

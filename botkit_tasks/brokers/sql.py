@@ -649,11 +649,15 @@ class SqlBroker(dramatiq.Broker):
             self._wake_one(queue)
 
     def _wake_one(self, queue: str) -> None:
-        for consumer in list(self._waiters.get(queue, ())):
+        with self._lock:
+            consumers = list(self._waiters.get(queue, ()))
+        for consumer in consumers:
             consumer.wake()
 
     def _wake_all(self) -> None:
-        for queue in list(self._waiters):
+        with self._lock:
+            queues = list(self._waiters)
+        for queue in queues:
             self._wake_one(queue)
 
     # -- grouped acks ---------------------------------------------------------------
