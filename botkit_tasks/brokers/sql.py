@@ -526,8 +526,14 @@ class SqlBroker(dramatiq.Broker):
         )
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while True:
-            with transaction(self.engine, read_only=True) as conn:
-                pending = conn.execute(count).scalar_one()
+            try:
+                with transaction(self.engine, read_only=True) as conn:
+                    pending = conn.execute(count).scalar_one()
+            except sa.exc.DBAPIError as exc:
+                # A connection lost under us is replaced on the next try.
+                if not _is_transient(self.engine, exc) or ambient_connection(self.engine):
+                    raise
+                pending = -1
             if pending == 0:
                 return
             if deadline is not None and time.monotonic() >= deadline:
