@@ -8,12 +8,14 @@ epoch milliseconds from the database clock):
     (indexed, not unique: retries re-enqueue the same id before the old copy
     is acked), ``queue_name`` (``X`` or ``X.DQ``), ``actor_name``, ``state``
     (``queued`` | ``consumed`` | ``dead``), ``available_at`` (when the row may
-    be claimed; the ETA for ``.DQ`` rows), ``enqueued_at``, ``worker_id``,
+    be claimed; for ``.DQ`` rows the ETA, computed as the database's clock
+    at insert plus the delay), ``enqueued_at``, ``worker_id``,
     ``consumed_at``, ``dead_at``, ``retries`` and ``last_error`` (copied from
     the options for monitoring), ``data`` (``message.encode()``, any encoder).
     Partial index ``(queue_name, available_at, id) WHERE state = 'queued'``.
 
-``{prefix}workers`` — one row per live consumer:
+``{prefix}workers`` — one row per live consumer (Dramatiq runs two per queue
+in each worker process; ``queues`` holds that consumer's one queue name):
     ``worker_id`` (PK), ``hostname``, ``pid``, ``heartbeat_at``, ``queues``.
 
 Life of a row: ``enqueue`` inserts it ``queued``; a consumer claims a batch
@@ -23,6 +25,12 @@ next claim or within :data:`ACK_DELAY`); ``nack`` turns it into a ``dead``
 letter kept for ``dead_message_ttl``.  A row leaves only when acked, so a
 consumer that stops heartbeating for ``heartbeat_timeout`` has its rows handed
 out again by another consumer's maintenance pass.
+
+Durability: enqueues commit durably (and join an :func:`~botkit_tasks.atomic`
+block).  On PostgreSQL, claims and ack deletes commit asynchronously
+(``synchronous_commit = off`` on the consumers' own connections): losing one
+in a server crash only makes a message run again, which at-least-once delivery
+allows, and it removes an fsync from every batch.
 """
 
 from __future__ import annotations
