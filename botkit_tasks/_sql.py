@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ __all__ = [
     "is_sqlite",
     "normalize_url",
     "on_commit",
+    "prepare_sqlite_connection",
     "resolve_engine",
     "transaction",
 ]
@@ -95,21 +98,52 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
     return engine
 
 
+def prepare_sqlite_connection(dbapi_conn: Any, *, memory: bool = False) -> None:
+    """Configure a raw ``sqlite3`` connection the way every botkit connection is.
+
+    Autocommit at the driver level (transactions are begun explicitly), a busy
+    timeout, WAL journal (persistent databases), ``synchronous=NORMAL``.
+    """
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit
+    # transactions start too late and as DEFERRED).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    try:
+        # The busy timeout first: switching to WAL needs a lock another new
+        # connection may hold for a moment.
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        if not memory:
+            _ensure_wal(cur)
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cur.close()
+
+
+def _ensure_wal(cur: Any) -> None:
+    # WAL is a property of the file: once set, it stays.  Setting it again is
+    # skipped, and the first switch is retried because two connections opening
+    # a brand-new file at once can see "database is locked" here, which the
+    # busy handler does not always cover.
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     memory = engine.url.database in (None, "", ":memory:")
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit
-        # transactions start too late and as DEFERRED).
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        if not memory:
-            cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
+        prepare_sqlite_connection(dbapi_conn, memory=memory)
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
