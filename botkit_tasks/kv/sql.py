@@ -23,26 +23,55 @@ Why these types:
   :data:`RECLAIM_BATCH` expired rows, which keeps a table that is written to
   from filling up without a sweeper process.
 
-Every statement is a single atomic statement (``cas`` included: an upsert or
-update guarded by the expected value) run through
-:func:`botkit_tasks._sql.transaction`, so it joins an enclosing
-:func:`botkit_tasks.atomic` block on the same engine.
+Every operation is a single atomic statement (``cas`` included: an upsert or
+update guarded by the expected value).  Where it runs:
+
+* **Inside** :func:`botkit_tasks.atomic` on the same engine (and for the first
+  operation, which creates the table), on the block's connection through
+  :func:`botkit_tasks._sql.transaction`, so it commits or rolls back with the
+  block.
+* **Outside**, in autocommit on a connection that the current thread keeps
+  for this store (persistent connections, as in Django).  Taking a pooled
+  connection costs a checkout, ``BEGIN``/``COMMIT``, a reset on return and, on
+  PostgreSQL, a pre-ping round trip — several times the statement itself — and
+  a single statement in autocommit is just as atomic.  These connections are
+  not taken from the engine's pool (whose size is meant for transactions, not
+  for one idle connection per thread of a 40-thread web server): they are
+  opened the way the pool opens its own, so they carry the URL, the engine's
+  ``connect_args``, its ``do_connect`` hooks and ``connect`` event listeners
+  (SQLite pragmas, session settings such as ``search_path``), but the pool
+  never counts, pings, resets or hands them out.  A thread's connection is
+  closed when the thread ends, and all of them by :meth:`SqlKvStore.close`.
+  A child process never uses (nor closes) a connection of its parent: it
+  opens its own.  On PostgreSQL, a connection the server has closed (restart,
+  ``pg_terminate_backend``, idle timeout) is noticed before use by a
+  non-blocking poll of its socket and replaced; a disconnection detected while
+  a statement runs is retried once on a new connection for ``get``, ``set``,
+  ``delete``, ``list`` and the read-only ``cas(k, None, None)``, but not for a
+  swapping ``cas``, whose outcome is then unknown (:class:`StoreError`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import random
 import re
+import select
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.pool.base import _ConnectionRecord
 
 from .._sql import (
     ambient_connection,
     on_commit,
+    prepare_sqlite_connection,
     resolve_engine,
     transaction,
 )
@@ -54,7 +83,6 @@ from ._codec import (
     pack_key,
     pack_prefix,
     prefix_upper_bound,
-    unpack_key,
 )
 from .base import JsonValue, KvKey, Ttl
 
@@ -84,13 +112,74 @@ _NOW = {
     "sqlite": "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
 }
 
-_T = TypeVar("_T")
-
 # Drivers whose parameter style the statements are written in.
 _DRIVERS = {("postgresql", "psycopg"), ("postgresql", "psycopg2"), ("sqlite", "pysqlite")}
 
-# psycopg.pq.TransactionStatus.IDLE: connected, no transaction open.
-_PG_IDLE = 0
+# Pools whose connections are not interchangeable (an in-memory SQLite database
+# lives in its one connection): stores on them always use the pool.
+_SHARED_CONNECTION_POOLS = (sa.pool.StaticPool, sa.pool.SingletonThreadPool, sa.pool.AssertionPool)
+
+# What an operation reads back from its statement.
+_NOTHING, _ROW, _ROWS, _ROWCOUNT = range(4)
+
+# Bumped in a child process after fork(): connections opened before belong to
+# the parent, and a thread's connection records the generation it was made in.
+_generation = 0
+
+# Connections inherited across fork(), kept referenced and never closed: closing
+# (or garbage-collecting) one in the child would end the parent's session
+# (PostgreSQL) or run SQLite's close-time checkpoint on the parent's database.
+_inherited: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    global _generation
+    _generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _run(cursor: Any, sql: str, params: dict[str, Any], result: int) -> Any:
+    """Execute one statement on a driver cursor and read back ``result``."""
+    cursor.execute(sql, params)
+    if result == _ROW:
+        return cursor.fetchone()
+    if result == _ROWS:
+        return cursor.fetchall()
+    return cursor.rowcount if result == _ROWCOUNT else None
+
+
+class _Slot:
+    """A thread's own connection for one store, with its cached cursor."""
+
+    __slots__ = ("__weakref__", "connection", "cursor", "generation", "poll", "release")
+
+    def __init__(self, connection: Any, cursor: Any, poll: Any) -> None:
+        self.connection = connection
+        self.cursor = cursor
+        #: ``select.poll`` on the socket (PostgreSQL), ``None`` for SQLite.
+        self.poll = poll
+        self.generation = _generation
+        self.release: weakref.finalize[Any, Any] | None = None
+
+
+class _ThreadSlots(threading.local):
+    slot: _Slot | None = None
+
+
+def _release(record: Any, pid: int, registry: dict[int, Any], key: int) -> None:
+    # Runs once per connection: when its thread ends (the thread-local slot is
+    # freed), when the store is closed or collected, or at interpreter exit.
+    # Raising here would only print an "exception ignored" warning.
+    registry.pop(key, None)
+    if pid != os.getpid():
+        _inherited.append(record)
+        return
+    # An already broken connection must not fail to be released.
+    with contextlib.suppress(Exception):
+        record.close()
 
 
 class SqlKvStore:
@@ -107,6 +196,11 @@ class SqlKvStore:
         create_table: Create the table (and its index) at first use if it
             does not exist.  Safe when several processes do it at once.  With
             ``False`` a missing table is a :class:`StoreError` at first use.
+
+    Outside an :func:`~botkit_tasks.atomic` block each thread that uses the
+    store keeps one database connection of its own, opened like the engine's
+    pooled ones but outside the pool, closed when the thread ends or the store
+    is closed (see the module documentation).
 
     Raises:
         ConfigurationError: a malformed URL, an unsupported database, or an
@@ -144,11 +238,182 @@ class SqlKvStore:
         self._ready_lock = threading.Lock()
         self._closed = False
         self._sql = _statements(engine, table_name)
+        self._reclaim_params = {"n": RECLAIM_BATCH}
         self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
-        # Only psycopg 3 is switched to autocommit for single statements (see _run).
-        self._postgres = engine.dialect.driver == "psycopg"
+        self._sqlite = engine.dialect.name == "sqlite"
+        # Own per-thread connections, unless the pool's connections are not
+        # interchangeable (an in-memory SQLite database given as an engine).
+        self._own_connections = not isinstance(engine.pool, _SHARED_CONNECTION_POOLS) and not (
+            self._sqlite and _is_sqlite_memory(engine.url)
+        )
+        self._threads = _ThreadSlots()
+        # Release callbacks of the open per-thread connections, by a serial number.
+        self._slots: dict[int, weakref.finalize[Any, Any]] = {}
+        self._slots_lock = threading.Lock()
+        self._serial = itertools.count()
 
     # -- plumbing ---------------------------------------------------------------
+
+    def _execute(
+        self,
+        sql: str,
+        params: dict[str, Any],
+        result: int,
+        *,
+        write: bool = False,
+        idempotent: bool = True,
+    ) -> Any:
+        """Run one operation's statement and return what ``result`` asks for.
+
+        ``write`` operations first reclaim expired rows now and then.
+        ``idempotent`` operations are run again, once, on a new connection
+        when the connection turns out to be lost while they run.
+        """
+        if self._closed:
+            raise StoreError("this SqlKvStore is closed")
+        if not self._ready or not self._own_connections or ambient_connection(self.engine):
+            return self._execute_in_transaction(sql, params, result, write)
+        slot = self._threads.slot
+        if slot is None or slot.generation != _generation or (slot.poll and slot.poll.poll(0)):
+            # No connection yet in this thread, one inherited from the parent
+            # process, or one the server has closed or written to unasked
+            # (PostgreSQL sends a FATAL message before closing a session).
+            slot = self._connect(slot)
+        sent = False
+        try:
+            if write:
+                self._maybe_reclaim(slot.cursor)
+            sent = True
+            return _run(slot.cursor, sql, params, result)
+        except self._driver_error as exc:
+            wrapped = self._wrap(exc, sql, params)
+            if not self._is_disconnect(exc, slot):
+                raise self._error(wrapped) from wrapped
+            self._drop(slot)
+            if sent and not idempotent:
+                # The server may or may not have run it: a second swap could
+                # report failure for a swap that happened.
+                note = "connection lost; whether it swapped is unknown"
+                raise self._error(wrapped, note) from wrapped
+        # Lost before anything was done, or harmless to do twice: once more.
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, ...) mid-statement: the connection
+            # may be in any state, so it is not used again.
+            self._drop(slot)
+            raise
+        slot = self._connect(None)
+        try:
+            return _run(slot.cursor, sql, params, result)
+        except self._driver_error as exc:
+            if self._is_disconnect(exc, slot):
+                self._drop(slot)
+            wrapped = self._wrap(exc, sql, params)
+            raise self._error(wrapped) from wrapped
+        except BaseException:
+            self._drop(slot)
+            raise
+
+    def _execute_in_transaction(
+        self, sql: str, params: dict[str, Any], result: int, write: bool
+    ) -> Any:
+        """Run the statement through :func:`transaction` (the ambient one, if any)."""
+        try:
+            with transaction(self.engine, read_only=not write and self._ready) as conn:
+                if not self._ready:
+                    with self._ready_lock:
+                        self._prepare(conn)
+                # The driver's own cursor: the statements are plain SQL in its
+                # parameter style, and SQLAlchemy's per-statement machinery
+                # would cost more than the statement.
+                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    if write:
+                        self._maybe_reclaim(cursor)
+                    return _run(cursor, sql, params, result)
+                finally:
+                    cursor.close()
+        except (sa.exc.DBAPIError, self._driver_error) as exc:
+            wrapped = self._wrap(exc, sql, params)
+            raise self._error(wrapped) from wrapped
+
+    def _maybe_reclaim(self, cursor: Any) -> None:
+        if random.random() * RECLAIM_EVERY < 1:
+            cursor.execute(self._sql["reclaim"], self._reclaim_params)
+
+    def _is_disconnect(self, exc: Exception, slot: _Slot) -> bool:
+        dialect = self.engine.dialect
+        return dialect.is_disconnect(exc, slot.connection, slot.cursor)  # type: ignore[arg-type]
+
+    def _wrap(self, exc: Exception, sql: str, params: dict[str, Any]) -> sa.exc.DBAPIError:
+        """SQLAlchemy's wrapper of a driver error, as the pooled path raises it.
+
+        So that every path gives the same chain: :class:`StoreError` <-
+        ``sqlalchemy.exc.DBAPIError`` (``OperationalError``, ...) <- the
+        driver's exception.
+        """
+        if isinstance(exc, sa.exc.DBAPIError):
+            return exc
+        wrapped = sa.exc.DBAPIError.instance(
+            sql, params, exc, self._driver_error, hide_parameters=True, dialect=self.engine.dialect
+        )
+        wrapped.__cause__ = exc
+        return cast("sa.exc.DBAPIError", wrapped)
+
+    def _error(self, exc: sa.exc.DBAPIError, note: str = "") -> StoreError:
+        return StoreError(
+            f"{self.engine.dialect.name} key-value table {self.table_name!r}: "
+            f"{str(exc.orig).strip()}" + (f" ({note})" if note else "")
+        )
+
+    def _connect(self, stale: _Slot | None) -> _Slot:
+        """Replace the current thread's connection (``stale``, if any) with a new one."""
+        if stale is not None:
+            self._drop(stale)
+        # The pool's own way of opening a connection (creator, connect_args,
+        # do_connect and connect events), without the pool's bookkeeping: the
+        # pool neither counts nor ever sees it.
+        try:
+            record = _ConnectionRecord(self.engine.pool)
+        except (sa.exc.DBAPIError, self._driver_error) as exc:
+            wrapped = self._wrap(exc, "connect", {})
+            raise self._error(wrapped) from wrapped
+        try:
+            connection: Any = record.driver_connection
+            poll = None
+            if self._sqlite:
+                prepare_sqlite_connection(connection)
+            else:
+                connection.rollback()  # a connect listener may have left a transaction open
+                connection.autocommit = True
+                if hasattr(select, "poll"):
+                    poll = select.poll()
+                    poll.register(connection.fileno(), select.POLLIN)
+            slot = _Slot(connection, connection.cursor(), poll)
+        except BaseException as exc:
+            record.close()
+            if isinstance(exc, self._driver_error):
+                wrapped = self._wrap(exc, "connect", {})
+                raise self._error(wrapped) from wrapped
+            raise
+        key = next(self._serial)
+        release = weakref.finalize(slot, _release, record, os.getpid(), self._slots, key)
+        slot.release = release
+        with self._slots_lock:
+            closed = self._closed
+            if not closed:
+                self._slots[key] = release
+        if closed:
+            release()
+            raise StoreError("this SqlKvStore is closed")
+        self._threads.slot = slot
+        return slot
+
+    def _drop(self, slot: _Slot) -> None:
+        """Close the current thread's connection ``slot`` (abandon it after a fork)."""
+        if self._threads.slot is slot:
+            self._threads.slot = None
+        if slot.release is not None:
+            slot.release()
 
     def _prepare(self, conn: Connection) -> None:
         """Create or check the table once, in the transaction ``conn`` is in."""
@@ -169,95 +434,27 @@ class SqlKvStore:
         # table is gone again.
         on_commit(conn, ready)
 
-    def _run(self, body: Callable[[Any], _T], *, read_only: bool = False) -> _T:
-        """Run ``body(cursor)`` in :func:`transaction`, converting driver errors.
-
-        ``body`` gets a cursor of the driver itself: the statements are plain
-        SQL text in the driver's parameter style, and skipping SQLAlchemy's
-        per-statement execution machinery roughly halves the cost of an
-        operation.  The transaction is still SQLAlchemy's, so ``atomic()``
-        blocks are joined as usual.
-
-        Outside an ``atomic()`` block on PostgreSQL, the statement runs in
-        autocommit: each operation is one statement, atomic on its own, and
-        this saves the ``BEGIN`` and ``COMMIT`` round trips (two of three).
-        """
-        if self._closed:
-            raise StoreError("this SqlKvStore is closed")
-        try:
-            with transaction(self.engine, read_only=read_only and self._ready) as conn:
-                if not self._ready:
-                    with self._ready_lock:
-                        self._prepare(conn)
-                    autocommit = False
-                else:
-                    autocommit = self._postgres and ambient_connection(self.engine) is None
-                dbapi: Any = conn.connection.driver_connection
-                # Only on an idle connection: inside an open transaction the
-                # statement must stay part of it.
-                autocommit = autocommit and dbapi.info.transaction_status == _PG_IDLE
-                if autocommit:
-                    dbapi.autocommit = True
-                cursor = dbapi.cursor()
-                try:
-                    return body(cursor)
-                finally:
-                    cursor.close()
-                    if autocommit and not dbapi.closed:
-                        dbapi.autocommit = False
-        except (sa.exc.DBAPIError, self._driver_error) as exc:
-            orig = getattr(exc, "orig", None) or exc
-            raise StoreError(
-                f"{self.engine.dialect.name} key-value table {self.table_name!r}: "
-                f"{str(orig).strip()}"
-            ) from exc
-
-    def _reclaim(self, cursor: Any) -> None:
-        if random.random() * RECLAIM_EVERY < 1:
-            cursor.execute(self._sql["reclaim"], {"n": RECLAIM_BATCH})
-
     # -- KvStore ----------------------------------------------------------------
 
     def get(self, key: KvKey | Sequence[str]) -> JsonValue | None:
         """Return the value under ``key``, or ``None`` when it is missing or expired."""
-        params = {"k": pack_key(key)}
-        sql = self._sql["get"]
-
-        def body(cursor: Any) -> Any:
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-            return None if row is None else row[0]
-
-        text = self._run(body, read_only=True)
-        return None if text is None else decode_value(text)
+        row = self._execute(self._sql["get"], {"k": pack_key(key)}, _ROW)
+        return None if row is None else decode_value(row[0])
 
     def set(self, key: KvKey | Sequence[str], value: JsonValue, *, ttl: Ttl = None) -> None:
         """Store ``value`` under ``key``; ``ttl`` (seconds or timedelta) restarts the clock."""
         packed = pack_key(key)
         text = encode_value(value)
         ttl_ms = normalize_ttl(ttl)
-        params: dict[str, Any]
         if ttl_ms == 0:
-            sql, params = self._sql["delete"], {"k": packed}
+            self._execute(self._sql["delete"], {"k": packed}, _NOTHING, write=True)
         else:
-            sql, params = self._sql["set"], {"k": packed, "v": text, "ttl": ttl_ms}
-
-        def body(cursor: Any) -> None:
-            cursor.execute(sql, params)
-            self._reclaim(cursor)
-
-        self._run(body)
+            params = {"k": packed, "v": text, "ttl": ttl_ms}
+            self._execute(self._sql["set"], params, _NOTHING, write=True)
 
     def delete(self, key: KvKey | Sequence[str]) -> None:
         """Remove ``key``; a missing key is not an error."""
-        params = {"k": pack_key(key)}
-        sql = self._sql["delete"]
-
-        def body(cursor: Any) -> None:
-            cursor.execute(sql, params)
-            self._reclaim(cursor)
-
-        self._run(body)
+        self._execute(self._sql["delete"], {"k": pack_key(key)}, _NOTHING, write=True)
 
     def cas(
         self,
@@ -271,6 +468,10 @@ class SqlKvStore:
 
         One statement does the comparison and the write, so concurrent callers
         in any number of processes see exactly one winner.
+
+        Raises:
+            StoreError: among other database failures, when the connection was
+                lost while the statement ran, so whether it swapped is unknown.
         """
         packed = pack_key(key)
         expected_text = None if expected is None else encode_value(expected)
@@ -282,28 +483,16 @@ class SqlKvStore:
         params: dict[str, Any]
         if expected_text is None and new_text is None:
             # Nothing to write: succeed exactly when there is no live value.
-            stmt, params = sql["get"], {"k": packed}
-            absent = True
-        elif expected_text is None:
+            return self._execute(sql["get"], {"k": packed}, _ROW) is None
+        if expected_text is None:
             stmt, params = sql["cas_create"], {"k": packed, "v": new_text, "ttl": ttl_ms}
-            absent = False
         elif new_text is None:
             stmt, params = sql["cas_delete"], {"k": packed, "e": expected_text}
-            absent = False
         else:
             stmt = sql["cas_update"]
             params = {"k": packed, "e": expected_text, "v": new_text, "ttl": ttl_ms}
-            absent = False
-
-        def body(cursor: Any) -> bool:
-            cursor.execute(stmt, params)
-            if absent:
-                return cursor.fetchone() is None
-            swapped: bool = cursor.rowcount == 1
-            self._reclaim(cursor)
-            return swapped
-
-        return self._run(body, read_only=absent)
+        count = self._execute(stmt, params, _ROWCOUNT, write=True, idempotent=False)
+        return bool(count == 1)
 
     def list(self, prefix: KvKey | Sequence[str] = ()) -> Iterator[tuple[KvKey, JsonValue]]:
         """Yield live ``(key, value)`` pairs under ``prefix`` in key order.
@@ -320,28 +509,28 @@ class SqlKvStore:
         high = prefix_upper_bound(low)
         sql = self._sql["list"]
         while True:
-            params = {"lo": low, "hi": high, "n": LIST_PAGE_SIZE}
-
-            def body(cursor: Any, params: dict[str, Any] = params) -> list[Any]:
-                cursor.execute(sql, params)
-                return cursor.fetchall()  # type: ignore[no-any-return]
-
-            page = self._run(body, read_only=True)
+            page = self._execute(sql, {"lo": low, "hi": high, "n": LIST_PAGE_SIZE}, _ROWS)
             for packed, text in page:
-                yield unpack_key(bytes(packed)), decode_value(text)
+                # unpack_key, inlined: this loop is most of a list()'s cost.
+                yield tuple(bytes(packed)[:-1].decode().split("\x00")), decode_value(text)
             if len(page) < LIST_PAGE_SIZE:
                 return
             # The smallest byte string after the last key.
             low = bytes(page[-1][0]) + b"\x00"
 
     def close(self) -> None:
-        """Dispose of the engine if this store created it; idempotent.
+        """Close this store's connections and, if it created it, dispose of the engine.
 
-        An engine passed in is left alone: its owner disposes of it.
+        Idempotent.  An engine passed in is left alone: its owner disposes of
+        it.  Threads still using the store get :class:`StoreError` afterwards.
         """
-        if self._closed:
-            return
-        self._closed = True
+        with self._slots_lock:
+            if self._closed:
+                return
+            self._closed = True
+            releases = list(self._slots.values())
+        for release in releases:
+            release()
         if self._owns_engine:
             self.engine.dispose()
 
