@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +33,7 @@ from hypothesis import strategies as st
 from botkit_tasks import StoreError, atomic
 from botkit_tasks._sql import create_engine
 from botkit_tasks.kv import KvStore, MemoryKvStore, RedisKvStore, SqlKvStore
+from botkit_tasks.kv import sql as kv_sql
 
 BACKENDS = ["memory", "sqlite", "postgres", "redis"]
 
@@ -808,6 +811,318 @@ def test_sql_rejects_bad_table_names(sql_url: str) -> None:
             SqlKvStore(memory_url)
     with pytest.raises(TypeError):
         SqlKvStore(42)  # type: ignore[arg-type]
+
+
+# -- SQL: per-thread connections outside atomic() ------------------------------
+
+
+def _thread_connection(store: SqlKvStore) -> Any:
+    """The DBAPI connection the calling thread holds for ``store`` (white box)."""
+    slot = store._threads.slot
+    assert slot is not None, "this thread has no connection of its own"
+    return slot.connection
+
+
+def _is_closed(connection: Any) -> bool:
+    if isinstance(connection, sqlite3.Connection):
+        try:
+            connection.execute("SELECT 1")
+        except sqlite3.ProgrammingError:
+            return True
+        return False
+    return bool(connection.closed)
+
+
+def _checked_out(engine: sa.Engine) -> int:
+    pool: Any = engine.pool  # a QueuePool: file SQLite and PostgreSQL
+    return int(pool.checkedout())
+
+
+def _drop_table(engine: sa.Engine, table: str) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'DROP TABLE IF EXISTS "{table}"')
+
+
+def test_sql_operations_outside_atomic_do_not_take_pool_connections(sql_url: str) -> None:
+    # Given an engine whose pool holds one connection, and 16 threads using one store
+    engine = create_engine(sql_url, pool_size=1, max_overflow=0, pool_timeout=2)
+    table = unique_name("kv_")
+    store = SqlKvStore(engine, table_name=table)
+    store.set(("warm",), 0)  # creates the table, in a pooled transaction
+    checkouts: list[object] = []
+    sa.event.listen(engine, "checkout", lambda *args: checkouts.append(args))
+    threads, rounds = 16, 10
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            for j in range(rounds):
+                key = ("t", str(i), str(j))
+                store.set(key, j)
+                assert store.get(key) == j
+                assert store.cas(key, j, j + 1) is True
+            assert len(list(store.list(("t", str(i))))) == rounds
+            # All threads hold their connections at once here.
+            barrier.wait(timeout=30)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    try:
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(90)
+        # Then every operation ran, and none of them touched the pool
+        assert errors == []
+        assert checkouts == []
+        assert _checked_out(engine) == 0
+        assert len(list(store.list(("t",)))) == threads * rounds
+    finally:
+        store.close()
+        _drop_table(engine, table)
+        engine.dispose()
+
+
+def test_sql_a_thread_that_ends_closes_its_connection(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table)
+    store.set(("k",), 1)
+    seen: list[Any] = []
+
+    def work() -> None:
+        assert store.get(("k",)) == 1
+        seen.append(_thread_connection(store))
+
+    # When a thread uses the store and ends
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(30)
+    # Then its connection is closed and the store holds nothing for it
+    assert len(seen) == 1
+    assert _is_closed(seen[0])
+    assert store._slots == {}
+    # And the store goes on in other threads
+    assert store.get(("k",)) == 1
+    assert len(store._slots) == 1
+    store.close()
+    assert store._slots == {}
+
+
+def test_sql_close_closes_the_connections_of_every_thread(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table)
+    store.set(("k",), 1)
+    assert store.get(("k",)) == 1
+    connections = [_thread_connection(store)]
+    threads = 4
+    opened = threading.Barrier(threads + 1)
+    finish = threading.Event()
+    after_close: list[BaseException] = []
+
+    def work() -> None:
+        assert store.get(("k",)) == 1
+        connections.append(_thread_connection(store))
+        opened.wait(timeout=30)
+        finish.wait(timeout=30)
+        try:
+            store.get(("k",))
+        except StoreError as exc:
+            after_close.append(exc)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    opened.wait(timeout=30)
+    # When the store is closed while its threads are still alive
+    store.close()
+    finish.set()
+    for t in workers:
+        t.join(30)
+    # Then every thread's connection is closed, and later calls fail clearly
+    assert len(connections) == threads + 1
+    assert all(_is_closed(c) for c in connections)
+    assert len(after_close) == threads
+    assert all("closed" in str(exc) for exc in after_close)
+    with pytest.raises(StoreError, match="closed"):
+        store.set(("k",), 2)
+    # The engine, which the store did not create, still works
+    assert SqlKvStore(engine, table_name=table).get(("k",)) == 1
+
+
+def test_sql_atomic_joins_even_when_the_thread_has_its_own_connection(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table)
+    # Given a thread that already runs operations on a connection of its own
+    store.set(("k",), "before")
+    assert store.get(("k",)) == "before"
+    own = _thread_connection(store)
+    seen_outside: list[Any] = []
+    # When it writes inside an atomic() block that fails
+    with pytest.raises(RuntimeError), atomic(engine):
+        store.set(("k",), "inside")
+        store.set(("new",), 1)
+        assert store.cas(("new",), 1, 2) is True
+        assert store.get(("k",)) == "inside"
+        assert dict(store.list()) == {("k",): "inside", ("new",): 2}
+        # Another thread does not see the uncommitted writes
+        t = threading.Thread(target=lambda: seen_outside.append(store.get(("k",))))
+        t.start()
+        t.join(30)
+        raise RuntimeError("boom")
+    # Then the writes were part of the block and rolled back with it
+    assert seen_outside == ["before"]
+    assert store.get(("k",)) == "before"
+    assert store.get(("new",)) is None
+    # And the thread's own connection was left as it was
+    assert _thread_connection(store) is own
+    store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_sql_a_forked_child_opens_its_own_connection(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table)
+    store.set(("k",), 1)
+    assert store.get(("k",)) == 1
+    parent_slot = store._threads.slot
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running any cleanup
+        try:
+            got = store.get(("k",))
+            store.set(("child",), os.getpid())
+            fresh = store._threads.slot is not parent_slot
+            store.close()
+            os.write(write_end, b"ok" if got == 1 and fresh else b"wrong")
+        except BaseException as exc:
+            os.write(write_end, repr(exc).encode()[:500])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        report = os.read(read_end, 1000)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    # Then the child used a connection of its own
+    assert report == b"ok"
+    # And the parent's connection was neither used nor closed by the child: it
+    # is still there (a closed PostgreSQL session would have been replaced)
+    assert store.get(("child",)) == pid
+    assert store._threads.slot is parent_slot
+    assert not _is_closed(_thread_connection(store))
+    store.close()
+
+
+def _terminate_backend(admin: Any, application_name: str) -> int:
+    """Kill the one session named ``application_name``; return its backend pid."""
+    rows = admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (application_name,)
+    ).fetchall()
+    assert len(rows) == 1, rows
+    pid: int = rows[0][0]
+    # With a timeout, pg_terminate_backend waits until the backend is gone.
+    assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone()[0]
+    return pid
+
+
+def test_sql_postgres_session_killed_by_the_server_is_replaced(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    # Given an engine with connect_args, which the store's own connections carry too
+    name = unique_name("botkit-kv-test-")
+    engine = create_engine(database_url, connect_args={"application_name": name})
+    table = unique_name("kv_")
+    store = SqlKvStore(engine, table_name=table)
+    admin_url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    admin = psycopg.connect(admin_url, autocommit=True)
+    try:
+        store.set(("k",), 1)
+        assert store.get(("k",)) == 1
+        # Only the store's own connection remains once the pool is emptied
+        engine.dispose()
+        first = _thread_connection(store).info.backend_pid
+        # When the server terminates that session
+        assert _terminate_backend(admin, name) == first
+        # Then the socket shows it at once (the server's FATAL message and EOF),
+        # so the next call notices before sending anything, and reconnects
+        slot = store._threads.slot
+        assert slot is not None and slot.poll is not None
+        assert slot.poll.poll(1000)
+        assert store.get(("k",)) == 1
+        second = _thread_connection(store).info.backend_pid
+        assert second != first
+        # When a session dies unnoticed (the poll before use is switched off),
+        # get, set and list are run again on a new session
+        ops: list[Callable[[], object]] = [
+            lambda: store.get(("k",)),
+            lambda: store.set(("k",), 1),
+            lambda: list(store.list()),
+        ]
+        for op in ops:
+            slot = store._threads.slot
+            assert slot is not None
+            slot.poll = None
+            _terminate_backend(admin, name)
+            op()
+            assert store._threads.slot is not slot
+        assert list(store.list()) == [(("k",), 1)]
+        # But a swapping cas is not: it may or may not have happened
+        monkeypatch.setattr(kv_sql, "RECLAIM_EVERY", 10**30)  # no reclaim statement first
+        slot = store._threads.slot
+        assert slot is not None
+        slot.poll = None
+        _terminate_backend(admin, name)
+        with pytest.raises(StoreError, match="unknown") as info:
+            store.cas(("k",), 1, 2)
+        assert isinstance(info.value.__cause__, sa.exc.OperationalError)
+        assert isinstance(info.value.__cause__.__cause__, psycopg.Error)
+        assert store.get(("k",)) == 1  # here it did not: the session was gone
+        # Unless the loss shows on the statement run before it (a reclaim):
+        # then the swap was never sent, and it is run on a new session
+        monkeypatch.setattr(kv_sql, "RECLAIM_EVERY", 1)
+        slot = store._threads.slot
+        assert slot is not None
+        slot.poll = None
+        _terminate_backend(admin, name)
+        assert store.cas(("k",), 1, 2) is True
+        assert store.get(("k",)) == 2
+        assert _checked_out(engine) == 0
+    finally:
+        store.close()
+        admin.execute(f'DROP TABLE IF EXISTS "{table}"')
+        admin.close()
+        engine.dispose()
+
+
+def test_sql_errors_on_the_own_connection_are_chained_like_pooled_ones(
+    sql_engine: tuple[sa.Engine, str],
+) -> None:
+    engine, table = sql_engine
+    store = SqlKvStore(engine, table_name=table, create_table=True)
+    store.set(("k",), 1)
+    assert store.get(("k",)) == 1  # the thread's own connection from now on
+    # When the table disappears under the store
+    _drop_table(engine, table)
+    with pytest.raises(StoreError, match=table) as info:
+        store.get(("k",))
+    # Then the error chains SQLAlchemy's wrapper, then the driver's exception
+    assert isinstance(info.value.__cause__, sa.exc.DBAPIError)
+    assert isinstance(info.value.__cause__.__cause__, engine.dialect.loaded_dbapi.Error)
+    store.close()
 
 
 # -- Redis specifics ----------------------------------------------------------
