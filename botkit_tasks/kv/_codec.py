@@ -21,7 +21,6 @@ import json
 import math
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import cast
 
 from .base import JsonValue, KvKey, Ttl
 
@@ -50,23 +49,25 @@ _encoder = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
 )
 _encode = _encoder.encode
-_decode = json.JSONDecoder().decode
+_raw_decode = json.JSONDecoder().raw_decode
 
 
-def _check_parts(parts: Sequence[object], what: str) -> str:
-    for part in parts:
-        if not isinstance(part, str):
-            raise TypeError(f"{what} parts must be str, got {type(part).__name__}: {part!r}")
-    joined = "\x00".join(cast("Sequence[str]", parts))
+def _pack(parts: Sequence[str], what: str) -> bytes:
+    """Validate the parts of a non-empty key or prefix and pack them."""
+    try:
+        joined = "\x00".join(parts)
+    except TypeError:
+        for part in parts:
+            if not isinstance(part, str):
+                raise TypeError(
+                    f"{what} parts must be str, got {type(part).__name__}: {part!r}"
+                ) from None
+        raise
     # Every NUL beyond the separators came from a part.
     if joined.count("\x00") != len(parts) - 1:
         raise ValueError(f"{what} parts must not contain NUL characters: {tuple(parts)!r}")
-    return joined
-
-
-def _to_bytes(text: str, what: str, parts: Sequence[str]) -> bytes:
     try:
-        packed = text.encode("utf-8")
+        packed = (joined + "\x00").encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError(
             f"{what} parts must not contain lone surrogates: {tuple(parts)!r}"
@@ -93,8 +94,7 @@ def pack_key(key: KvKey | Sequence[str]) -> bytes:
         )
     if not key:
         raise ValueError("a key must have at least one part")
-    text = _check_parts(key, "key")
-    return _to_bytes(text + "\x00", "key", key)
+    return _pack(key, "key")
 
 
 def pack_prefix(prefix: KvKey | Sequence[str]) -> bytes:
@@ -103,8 +103,7 @@ def pack_prefix(prefix: KvKey | Sequence[str]) -> bytes:
         raise TypeError(f"a key prefix must be a tuple of str, got {type(prefix).__name__}")
     if not prefix:
         return b""
-    text = _check_parts(prefix, "key prefix")
-    return _to_bytes(text + "\x00", "key prefix", prefix)
+    return _pack(prefix, "key prefix")
 
 
 def prefix_upper_bound(packed_prefix: bytes) -> bytes:
@@ -177,8 +176,20 @@ def encode_value(value: object) -> str:
 
 
 def decode_value(text: str | bytes) -> JsonValue:
-    """Parse canonical JSON text (or its UTF-8 bytes) back into a value."""
-    return cast("JsonValue", _decode(text if isinstance(text, str) else text.decode("utf-8")))
+    """Parse canonical JSON text (or its UTF-8 bytes) back into a value.
+
+    Raises:
+        ValueError: ``text`` is not one JSON value (``json.JSONDecodeError``).
+    """
+    if not isinstance(text, str):
+        text = text.decode("utf-8")
+    # raw_decode: canonical JSON has no whitespace around it to skip, and this
+    # runs for every value read (every row of a list()).
+    value: JsonValue
+    value, end = _raw_decode(text)
+    if end != len(text):
+        raise json.JSONDecodeError("extra data after the JSON value", text, end)
+    return value
 
 
 def normalize_ttl(ttl: Ttl) -> int | None:

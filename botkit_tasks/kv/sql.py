@@ -271,7 +271,11 @@ class SqlKvStore:
         """
         if self._closed:
             raise StoreError("this SqlKvStore is closed")
-        if not self._ready or not self._own_connections or ambient_connection(self.engine):
+        if (
+            not self._ready
+            or not self._own_connections
+            or ambient_connection(self.engine) is not None
+        ):
             return self._execute_in_transaction(sql, params, result, write)
         slot = self._threads.slot
         if slot is None or slot.generation != _generation or (slot.poll and slot.poll.poll(0)):
@@ -295,12 +299,12 @@ class SqlKvStore:
                 # report failure for a swap that happened.
                 note = "connection lost; whether it swapped is unknown"
                 raise self._error(wrapped, note) from wrapped
-        # Lost before anything was done, or harmless to do twice: once more.
         except BaseException:
             # Interrupted (KeyboardInterrupt, ...) mid-statement: the connection
             # may be in any state, so it is not used again.
             self._drop(slot)
             raise
+        # Lost before anything was sent, or harmless to do twice: once more.
         slot = self._connect(None)
         try:
             return _run(slot.cursor, sql, params, result)
