@@ -426,8 +426,12 @@ def drain(target: Target, n: int, args: argparse.Namespace) -> tuple[float, floa
     target.fill(n)
     assert target.remaining() == n, f"{target.kind}: expected {n} queued"
     workers = Workers(target, args.processes, args.threads)
-    seconds = wait_empty(target, workers, timeout=max(120.0, n / 100))
-    cpu = Workers.cpu_seconds(workers.tree_pids())
+    try:
+        seconds = wait_empty(target, workers, timeout=max(120.0, n / 100))
+        cpu = Workers.cpu_seconds(workers.tree_pids())
+    except BaseException:
+        workers.stop()  # never leave a worker tree behind, even on Ctrl-C
+        raise
     return n / seconds, cpu / n * 1e6, workers
 
 
@@ -464,7 +468,10 @@ def run_round(target: Target, args: argparse.Namespace, sizes: Sizes, result: Re
     except Exception as exc:
         result.notes.append(f"failed: {exc!r}")
         log(f"{label}: FAILED {exc!r}")
-        target.empty()
+        try:
+            target.empty()
+        except Exception as cleanup_exc:  # the broker may be what failed
+            log(f"{label}: could not empty the queue: {cleanup_exc!r}")
 
 
 def run_all(
