@@ -1226,3 +1226,27 @@ def test_packed_keys_sort_and_nest_like_python_tuples(
     assert (pa < pb) == (a < b)
     # An element-wise prefix is exactly a byte prefix
     assert pb.startswith(pack_prefix(a)) == (b[: len(a)] == a)
+
+
+_json_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+)
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _json_text,
+    lambda children: st.lists(children) | st.dictionaries(_json_text, children),
+    max_leaves=20,
+).filter(lambda v: v is not None)
+
+
+@given(value=_json_values)
+@settings(max_examples=300, deadline=None)
+def test_canonical_json_is_sorted_compact_json(value: Any) -> None:
+    from botkit_tasks.kv._codec import decode_value, encode_value
+
+    text = encode_value(value)
+    assert text == json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    assert same(decode_value(text), value)
