@@ -9,7 +9,9 @@ and decoding included):
 * ``SqlKvStore`` on PostgreSQL vs psycopg 3 in autocommit (prepared
   statements after the fifth execution, psycopg's default) — once with the
   engine a URL gives (``pool_pre_ping=True``) and once (``pg-noping``) with the
-  same engine without the pre-ping, to show what that round trip costs;
+  same engine without the pre-ping.  Outside ``atomic()`` the store runs on
+  the calling thread's own connection, not a pooled one, so the two rows
+  should agree: the pre-ping is not paid per operation;
 * ``RedisKvStore`` vs redis-py ``GET``/``SET``/``MGET``, and a ``WATCH``-free
   check-and-set done as a Lua script for ``cas``.
 
