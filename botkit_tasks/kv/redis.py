@@ -88,12 +88,12 @@ class RedisKvStore:
 
     def __init__(
         self,
-        url_or_client: str | redis.Redis,  # type: ignore[type-arg]
+        url_or_client: str | redis.Redis,
         *,
         key_prefix: str | bytes = DEFAULT_KEY_PREFIX,
     ) -> None:
         if isinstance(url_or_client, str):
-            self.client: redis.Redis = redis.Redis.from_url(url_or_client)  # type: ignore[type-arg]
+            self.client: redis.Redis = redis.Redis.from_url(url_or_client)
             self._owns_client = True
         elif isinstance(url_or_client, redis.Redis):
             self.client = url_or_client

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
@@ -112,8 +112,11 @@ class RedisInspector(Inspector):
         """
         now_ms = time.time() * 1000
         timeout_ms = float(getattr(self.broker, "heartbeat_timeout", 60_000))
-        beats = self.client.zrangebyscore(
-            self._key("__heartbeats__"), now_ms - timeout_ms, "+inf", withscores=True
+        beats = cast(
+            "list[tuple[bytes | str, float]]",
+            self.client.zrangebyscore(
+                self._key("__heartbeats__"), now_ms - timeout_ms, "+inf", withscores=True
+            ),
         )
         workers = []
         for raw_id, score in beats:
@@ -165,7 +168,10 @@ class RedisInspector(Inspector):
         xq = self._key(xq_name(name))
         if limit is not None and limit <= 0:
             return []
-        entries = self.client.zrevrange(xq, 0, -1 if limit is None else limit - 1, withscores=True)
+        entries = cast(
+            "list[tuple[bytes | str, float]]",
+            self.client.zrevrange(xq, 0, -1 if limit is None else limit - 1, withscores=True),
+        )
         if not entries:
             return []
         datas = self.client.hmget(f"{xq}.msgs", [redis_id for redis_id, _ in entries])
