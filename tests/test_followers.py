@@ -121,3 +121,34 @@ def test_page_cursor_is_stable_under_concurrent_adds() -> None:
     assert rest == [actor(n)["id"] for n in range(4, 10)]
     empty, cursor = Followers(MemoryKvStore(), "x").page(None, 10)
     assert (empty, cursor) == ([], None)
+
+
+class _CountingKv(MemoryKvStore):
+    """A memory store that counts the entries ``list()`` hands out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listed = 0
+
+    def list(self, prefix=(), *, start_after=None):  # type: ignore[no-untyped-def]
+        for item in super().list(prefix, start_after=start_after):
+            self.listed += 1
+            yield item
+
+
+def test_a_deep_page_reads_only_that_page() -> None:
+    # Given 2,000 followers
+    kv = _CountingKv()
+    followers = Followers(kv, "bot")
+    for i in range(2000):
+        followers.add(actor(i))
+    # When reading page after page
+    cursor = None
+    for _ in range(30):
+        _, cursor = followers.page(cursor, limit=40)
+    kv.listed = 0
+    page, _ = followers.page(cursor, limit=40)
+    # Then the 31st page reads its 40 entries (and one to know there is more),
+    # not the 1,200 before it
+    assert len(page) == 40
+    assert kv.listed <= 41

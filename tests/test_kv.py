@@ -8,6 +8,7 @@ afterwards).  The semantics checked are those of DESIGN §1 and ``docs/kv.md``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import multiprocessing
@@ -501,6 +502,37 @@ def test_list_orders_by_code_point_like_python_tuples(kv: KvStore) -> None:
     assert listed == sorted(set(keys))
     # Astral characters after the whole BMP, unlike UTF-16 order
     assert listed.index(("\uffff",)) < listed.index(("\U00010000",))
+
+
+def test_list_start_after_resumes_in_key_order(kv: KvStore) -> None:
+    # Given keys under a prefix, some with descendants, and one outside it
+    keys = [("f", "a"), ("f", "b"), ("f", "b", "x"), ("f", "b", ""), ("f", "c"), ("f", "é")]
+    for key in keys:
+        kv.set(key, list(key))
+    kv.set(("g", "a"), 0)
+    ordered = sorted(keys)
+    # When listing after each key in turn
+    for i, key in enumerate(ordered):
+        # Then exactly the later keys of the prefix come back, descendants included
+        assert [k for k, _ in kv.list(("f",), start_after=key)] == ordered[i + 1 :]
+    # A cursor that is not itself stored still works, and one before the prefix is a no-op
+    assert [k for k, _ in kv.list(("f",), start_after=("f", "bb"))] == [("f", "c"), ("f", "é")]
+    assert [k for k, _ in kv.list(("f",), start_after=("e",))] == ordered
+    assert list(kv.list(("f",), start_after=("g",))) == []
+    # Paging by cursor over more than one internal page visits everything once
+    for i in range(1200):
+        kv.set(("p", f"{i:05d}"), i)
+    seen: list[int] = []
+    cursor: tuple[str, ...] | None = None
+    while True:
+        page = list(itertools.islice(kv.list(("p",), start_after=cursor), 250))
+        if not page:
+            break
+        seen.extend(int(v) for _, v in page)  # type: ignore[arg-type]
+        cursor = page[-1][0]
+    assert seen == list(range(1200))
+    with pytest.raises(TypeError):
+        kv.list(("f",), start_after="f")  # type: ignore[arg-type]
 
 
 def test_list_while_writing_yields_every_stable_entry_exactly_once(kv: KvStore) -> None:

@@ -126,11 +126,10 @@ class Followers:
         """
         limit = max(1, limit)
         items: list[Follower] = []
-        for key, value in self.kv.list(self._prefix):
-            # The KvStore contract lists a whole prefix in key order; skipping to the
-            # cursor keeps pages stable even when followers are added meanwhile.
-            if after is not None and key[-1] <= after:
-                continue
+        # Keyset pagination: the store seeks to the cursor, so a deep page costs
+        # the same as the first, and followers added meanwhile never shift pages.
+        start = None if after is None else (*self._prefix, after)
+        for _key, value in self.kv.list(self._prefix, start_after=start):
             if not isinstance(value, dict):
                 continue
             if len(items) == limit:

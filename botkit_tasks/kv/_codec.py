@@ -145,6 +145,23 @@ def prefix_upper_bound(packed_prefix: bytes) -> bytes:
     return packed_prefix[:-1] + b"\x01"
 
 
+def list_bounds(
+    prefix: KvKey | Sequence[str], start_after: KvKey | Sequence[str] | None
+) -> tuple[bytes, bytes]:
+    """Validate a ``list()`` call and return its packed range ``[low, high)``.
+
+    ``start_after`` moves the low end just past that key (its descendants,
+    which sort after it, stay in range): keyset pagination for callers.
+    """
+    low = pack_prefix(prefix)
+    high = prefix_upper_bound(low)
+    if start_after is not None:
+        # A packed key ends in NUL, so key + NUL is the smallest packed string
+        # above it (it would be the key with one more, empty, part).
+        low = max(low, pack_key(start_after) + b"\x00")
+    return low, high
+
+
 def unpack_key(packed: bytes) -> KvKey:
     """Invert :func:`pack_key`."""
     return tuple(packed[:-1].decode("utf-8").split("\x00"))

@@ -101,7 +101,12 @@ class KvStore(Protocol):
         """
         ...
 
-    def list(self, prefix: KvKey | Sequence[str] = ()) -> Iterator[tuple[KvKey, JsonValue]]:
+    def list(
+        self,
+        prefix: KvKey | Sequence[str] = (),
+        *,
+        start_after: KvKey | Sequence[str] | None = None,
+    ) -> Iterator[tuple[KvKey, JsonValue]]:
         """Iterate over ``(key, value)`` pairs whose key starts with ``prefix``.
 
         Matching is element-wise (``("a",)`` matches ``("a", "b")`` but not
@@ -110,6 +115,10 @@ class KvStore(Protocol):
         parts compared by Unicode code point (Python's tuple order).  The
         caller may write and delete while iterating: every entry that exists
         throughout the iteration is yielded exactly once.
+
+        ``start_after`` resumes a listing: only keys greater than it (in the
+        same order) are yielded, so a page cursor is the last key of the
+        previous page.  SQL and memory stores seek to it through their index.
 
         Raises:
             TypeError, ValueError: a malformed prefix (raised by the call

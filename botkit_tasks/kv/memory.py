@@ -11,10 +11,9 @@ from collections.abc import Iterator, Sequence
 from ._codec import (
     decode_value,
     encode_value,
+    list_bounds,
     normalize_ttl,
     pack_key,
-    pack_prefix,
-    prefix_upper_bound,
     unpack_key,
 )
 from .base import JsonValue, KvKey, Ttl
@@ -129,18 +128,22 @@ class MemoryKvStore:
                 self._put(packed, new_text, ttl_ms, now)
             return True
 
-    def list(self, prefix: KvKey | Sequence[str] = ()) -> Iterator[tuple[KvKey, JsonValue]]:
+    def list(
+        self,
+        prefix: KvKey | Sequence[str] = (),
+        *,
+        start_after: KvKey | Sequence[str] | None = None,
+    ) -> Iterator[tuple[KvKey, JsonValue]]:
         """Yield live ``(key, value)`` pairs under ``prefix`` in key order.
 
         Entries are read in pages past the last key yielded, so writes made
         while iterating never cause an entry that exists throughout to be
         skipped or repeated.
         """
-        low = pack_prefix(prefix)  # validated now, not at the first next()
-        return self._iter(low)
+        low, high = list_bounds(prefix, start_after)  # validated now, not at next()
+        return self._iter(low, high)
 
-    def _iter(self, low: bytes) -> Iterator[tuple[KvKey, JsonValue]]:
-        high = prefix_upper_bound(low)
+    def _iter(self, low: bytes, high: bytes) -> Iterator[tuple[KvKey, JsonValue]]:
         inclusive = True
         while True:
             with self._lock:

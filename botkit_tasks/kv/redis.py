@@ -23,6 +23,7 @@ from ..errors import StoreError
 from ._codec import (
     decode_value,
     encode_value,
+    list_bounds,
     normalize_ttl,
     pack_key,
     pack_prefix,
@@ -179,7 +180,12 @@ class RedisKvStore:
             raise self._error(exc) from exc
         return bool(swapped)
 
-    def list(self, prefix: KvKey | Sequence[str] = ()) -> Iterator[tuple[KvKey, JsonValue]]:
+    def list(
+        self,
+        prefix: KvKey | Sequence[str] = (),
+        *,
+        start_after: KvKey | Sequence[str] | None = None,
+    ) -> Iterator[tuple[KvKey, JsonValue]]:
         """Yield live ``(key, value)`` pairs under ``prefix`` in key order.
 
         The matching names are collected with ``SCAN`` first (which returns
@@ -187,11 +193,11 @@ class RedisKvStore:
         sorted, and their values fetched in ``MGET`` batches as the iterator
         advances; an entry deleted meanwhile is skipped.
         """
-        start = self.key_prefix + pack_prefix(prefix)  # validated now, not at next()
+        low, _ = list_bounds(prefix, start_after)  # validated now, not at next()
         self._check_open()
-        return self._iter(start)
+        return self._iter(self.key_prefix + pack_prefix(prefix), self.key_prefix + low)
 
-    def _iter(self, start: bytes) -> Iterator[tuple[KvKey, JsonValue]]:
+    def _iter(self, start: bytes, low: bytes) -> Iterator[tuple[KvKey, JsonValue]]:
         strip = len(self.key_prefix)
         names: set[bytes] = set()
         try:
@@ -201,7 +207,8 @@ class RedisKvStore:
                 names.add(name.encode("utf-8") if isinstance(name, str) else name)
         except redis.RedisError as exc:
             raise self._error(exc) from exc
-        ordered = sorted(names)
+        # SCAN has no order, so resuming after a key still scans the prefix.
+        ordered = sorted(name for name in names if name >= low)
         for i in range(0, len(ordered), LIST_BATCH_SIZE):
             batch = ordered[i : i + LIST_BATCH_SIZE]
             try:

@@ -79,10 +79,9 @@ from ..errors import ConfigurationError, StoreError
 from ._codec import (
     decode_value,
     encode_value,
+    list_bounds,
     normalize_ttl,
     pack_key,
-    pack_prefix,
-    prefix_upper_bound,
 )
 from .base import JsonValue, KvKey, Ttl
 
@@ -498,7 +497,12 @@ class SqlKvStore:
         count = self._execute(stmt, params, _ROWCOUNT, write=True, idempotent=False)
         return bool(count == 1)
 
-    def list(self, prefix: KvKey | Sequence[str] = ()) -> Iterator[tuple[KvKey, JsonValue]]:
+    def list(
+        self,
+        prefix: KvKey | Sequence[str] = (),
+        *,
+        start_after: KvKey | Sequence[str] | None = None,
+    ) -> Iterator[tuple[KvKey, JsonValue]]:
         """Yield live ``(key, value)`` pairs under ``prefix`` in key order.
 
         Rows are read in pages of :data:`LIST_PAGE_SIZE`, each a short read
@@ -506,11 +510,10 @@ class SqlKvStore:
         made while iterating never cause an entry that exists throughout to be
         skipped or repeated.
         """
-        low = pack_prefix(prefix)  # validated now, not at the first next()
-        return self._iter(low)
+        low, high = list_bounds(prefix, start_after)  # validated now, not at next()
+        return self._iter(low, high)
 
-    def _iter(self, low: bytes) -> Iterator[tuple[KvKey, JsonValue]]:
-        high = prefix_upper_bound(low)
+    def _iter(self, low: bytes, high: bytes) -> Iterator[tuple[KvKey, JsonValue]]:
         sql = self._sql["list"]
         while True:
             page = self._execute(sql, {"lo": low, "hi": high, "n": LIST_PAGE_SIZE}, _ROWS)
