@@ -227,7 +227,8 @@ class InboxApp:
 
     def _handle(self, url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, str]:
         from .delivery import host_of, reset_host
-        from .signatures import SignatureError, signature_key_id, verify_incoming
+        from .keys import verify_incoming
+        from .signatures import SignatureError, signature_key_id
 
         federation = self.federation
         activity = _parse_activity(body)

@@ -37,7 +37,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import http_sf
@@ -56,9 +56,6 @@ from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
 from ..errors import BotkitError
 
-if TYPE_CHECKING:
-    from .keys import KeyResolver, RemoteKey
-
 __all__ = [
     "DEFAULT_MAX_SKEW",
     "RFC9421_LABEL",
@@ -69,7 +66,6 @@ __all__ = [
     "precheck_request",
     "sign_request",
     "signature_key_id",
-    "verify_incoming",
     "verify_request",
 ]
 
@@ -744,19 +740,3 @@ def _verify(
     except Exception as exc:  # hostile input must never surface as anything else
         raise SignatureError(f"malformed signed request ({type(exc).__name__})") from exc
     raise SignatureError("the request is not signed")
-
-
-def verify_incoming(
-    method: str,
-    url: str,
-    headers: Headers,
-    body: bytes | None,
-    resolver: KeyResolver,
-    *,
-    now: float | None = None,
-    max_skew: float = DEFAULT_MAX_SKEW,
-) -> tuple[VerifiedSignature, RemoteKey]:
-    """Resolve the signer's key and verify: :func:`.keys.verify_incoming`, re-exported here."""
-    from .keys import verify_incoming as _verify_incoming
-
-    return _verify_incoming(method, url, headers, body, resolver, now=now, max_skew=max_skew)
