@@ -361,6 +361,44 @@ def test_prefetch_is_respected(backend: Backend) -> None:
         consumer.close()
 
 
+def test_closing_a_consumer_hands_back_its_prefetched_messages(sql_backend: Backend) -> None:
+    backend = sql_backend
+    broker = backend.make_broker()
+    queue = unique_name("q")
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def noop(x: int) -> None:
+        pass
+
+    for i in range(6):
+        noop.send(i)
+    # Given a consumer that claimed a batch but handed out only one message
+    consumer = broker.consume(queue, prefetch=6, timeout=300)
+    first = next(consumer)
+    assert first is not None
+    consumer.ack(first)
+    # When it closes (as a stopping worker closes it)
+    consumer.close()
+    # Then the five it still held are queued again at once, not after a heartbeat lapse
+    m = broker.messages
+    with broker.engine.connect() as conn:
+        states = conn.execute(
+            sa.select(m.c.state, sa.func.count()).where(m.c.queue_name == queue).group_by(m.c.state)
+        ).all()
+    assert dict(states) == {"queued": 5}
+    other = broker.consume(queue, prefetch=6, timeout=300)
+    try:
+        got = [next(other) for _ in range(5)]
+        assert sorted(p.args[0] for p in got if p is not None) == [
+            i for i in range(6) if i != first.args[0]
+        ]
+        for proxy in got:
+            assert proxy is not None
+            other.ack(proxy)
+    finally:
+        other.close()
+
+
 def test_join_flush_and_flush_all(backend: Backend) -> None:
     broker = backend.make_broker()
     q1, q2 = unique_name("q"), unique_name("q")

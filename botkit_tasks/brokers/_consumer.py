@@ -15,7 +15,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -59,6 +60,13 @@ def _is_transient(engine: Engine, exc: BaseException) -> bool:
 
 def _closed(exc: BaseException) -> ConnectionClosed:
     return ConnectionClosed(exc)  # type: ignore[no-untyped-call]
+
+
+@contextmanager
+def _begun(conn: Connection) -> Iterator[Connection]:
+    """``engine.begin()`` for a connection we already hold: yields the connection."""
+    with conn.begin():
+        yield conn
 
 
 def _chunks(ids: Sequence[int]) -> Iterable[list[int]]:
@@ -384,7 +392,7 @@ class SqlConsumer(Consumer):
         try:
             conn = self._connection()
             if cached:
-                self._requeue_ids(cached, conn.begin)
+                self._requeue_ids(cached, lambda: _begun(conn))
                 self._release(cached)
             self._flush()
             if not self._unacked and self._registered:
