@@ -25,6 +25,10 @@ from sqlalchemy.engine import Engine
 
 logger = logging.getLogger(__name__)
 
+# A private generator: jitter must not consume or reseed the application's
+# global random state (tests and users may seed it).
+_random = random.Random()
+
 #: How long one wait for notifications lasts before the stop flag is checked (s).
 WAIT_SLICE = 1.0
 #: Longest pause between reconnection attempts (s).
@@ -151,7 +155,7 @@ class PgVacuum:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        while not self._stop.wait(VACUUM_CHECK_INTERVAL * random.uniform(0.8, 1.2)):
+        while not self._stop.wait(VACUUM_CHECK_INTERVAL * _random.uniform(0.8, 1.2)):
             try:
                 self.check()
             except Exception as exc:  # the database may be away; try again later

@@ -77,6 +77,10 @@ from ._consumer import (
     _is_transient,
 )
 
+# A private generator: jitter must not consume or reseed the application's
+# global random state (tests and users may seed it).
+_random = random.Random()
+
 __all__ = ["ACK_DELAY", "SqlBroker", "SqlMessageProxy"]
 
 #: Seconds between two polls of an idle queue (the safety net under NOTIFY).
@@ -240,7 +244,7 @@ class SqlBroker(dramatiq.Broker):
         self._waiters: dict[str, set[SqlConsumer]] = {}
         self._acks: list[int] = []
         self._acks_since = 0.0
-        self._next_maintenance = time.monotonic() + self._maintenance_interval() * random.random()
+        self._next_maintenance = time.monotonic() + self._maintenance_interval() * _random.random()
         self._listener: Any = None
         self._vacuum: Any = None
         self._inherited: list[Any] = []
@@ -479,7 +483,7 @@ class SqlBroker(dramatiq.Broker):
                 if ambient_connection(self.engine) is not None or attempt >= ENQUEUE_ATTEMPTS:
                     raise _closed(exc) from exc
                 self.logger.warning("enqueue failed (%s), retrying (attempt %d)", exc, attempt)
-                time.sleep(min(0.1 * 2**attempt, 3.0) * random.uniform(0.5, 1.0))
+                time.sleep(min(0.1 * 2**attempt, 3.0) * _random.uniform(0.5, 1.0))
 
     def _notify_on(self, conn: Connection, queues: Sequence[str], *, local: bool = True) -> None:
         """Wake consumers of ``queues`` once the transaction on ``conn`` commits.
@@ -730,7 +734,7 @@ class SqlBroker(dramatiq.Broker):
         with self._lock:
             if now < self._next_maintenance:
                 return False
-            jitter = random.uniform(0.75, 1.25)
+            jitter = _random.uniform(0.75, 1.25)
             self._next_maintenance = now + self._maintenance_interval() * jitter
             return True
 

@@ -85,6 +85,10 @@ from ._codec import (
 )
 from .base import JsonValue, KvKey, Ttl
 
+# A private generator: jitter must not consume or reseed the application's
+# global random state (tests and users may seed it).
+_random = random.Random()
+
 __all__ = ["DEFAULT_TABLE_NAME", "SqlKvStore"]
 
 #: The table used when none is given.
@@ -340,7 +344,7 @@ class SqlKvStore:
             raise self._error(wrapped) from wrapped
 
     def _maybe_reclaim(self, cursor: Any) -> None:
-        if random.random() * RECLAIM_EVERY < 1:
+        if _random.random() * RECLAIM_EVERY < 1:
             cursor.execute(self._sql["reclaim"], self._reclaim_params)
 
     def _is_disconnect(self, exc: Exception, slot: _Slot) -> bool:
