@@ -64,7 +64,8 @@ def normalize_url(url: str | URL) -> URL:
     try:
         parsed = make_url(url)
     except Exception as exc:  # SQLAlchemy raises ArgumentError; keep the URL in the message
-        raise ConfigurationError(f"not a database URL: {str(url)!r} ({exc})") from exc
+        shown = _hide_password(str(url))
+        raise ConfigurationError(f"not a database URL: {shown!r} ({exc})") from exc
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() not in ("postgresql", "sqlite"):
@@ -73,6 +74,20 @@ def normalize_url(url: str | URL) -> URL:
             f"{parsed.render_as_string(hide_password=True)!r}: use postgresql:// or sqlite://"
         )
     return parsed
+
+
+def _hide_password(url: str) -> str:
+    """``url`` with whatever may be a password (``user:…@``) replaced by ``***``.
+
+    For URLs that SQLAlchemy cannot parse: errs on hiding too much.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> Engine:

@@ -327,3 +327,21 @@ def test_from_urls_overrides_environment(tmp_path: Path, opened: list[Backends])
     assert r.kind == "redis" and r.broker.namespace == "px"  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="one, not both"):
         from_urls(database_url="sqlite:///a", redis_url="redis://b")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://bot:s3cretpw@db.example:notaport/bot",
+        "postgresql://bot:s3cretpw@[::1/bot",
+        " postgresql://bot:s3cretpw@db.example/bot",
+    ],
+)
+def test_unparsable_database_url_does_not_echo_the_password(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        from_env({"DATABASE_URL": url})
+    assert str(info.value).startswith("DATABASE_URL:"), str(info.value)
+    chain: BaseException | None = info.value
+    while chain is not None:
+        assert "s3cretpw" not in str(chain), str(chain)
+        chain = chain.__cause__
