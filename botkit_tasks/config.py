@@ -36,6 +36,7 @@ messages or in :attr:`Backends.url`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -227,12 +228,19 @@ def _redis_url_from_env(env: Mapping[str, str]) -> str | None:
     if "REDIS_HOST" not in env:
         raise ConfigurationError(f"{parts[0]}: is set but REDIS_HOST is not")
     host = env["REDIS_HOST"].strip()
-    if not host or any(c in host for c in "/@?# "):
+    if not host or any(c in host for c in "/@?# ") or not host.isprintable():
         raise ConfigurationError(f"REDIS_HOST: {host!r} is not a host name or address")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ConfigurationError(
+                f"REDIS_HOST: {host!r} is not a host name or address (put the port in REDIS_PORT)"
+            ) from None
     port = DEFAULT_REDIS_PORT
     if "REDIS_PORT" in env:
         raw = env["REDIS_PORT"].strip()
-        if not raw.isdigit() or not 0 < int(raw) < 65536:
+        if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 65536:
             raise ConfigurationError(f"REDIS_PORT: {raw!r} is not a port number (1-65535)")
         port = int(raw)
     tls = False
@@ -289,6 +297,7 @@ def _redact(url: str) -> str:
 
 def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import NoSuchModuleError
 
     from ._sql import create_engine, normalize_url
 
@@ -305,7 +314,12 @@ def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
     from .kv.sql import SqlKvStore
 
     prefix = prefix or DEFAULT_PREFIX
-    engine = create_engine(parsed)
+    try:
+        engine = create_engine(parsed)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ConfigurationError(
+            f"{variable}: cannot load the database driver {parsed.drivername!r} ({exc})"
+        ) from exc
     try:
         kv = SqlKvStore(engine, table_name=f"{prefix}_kv")
         broker = SqlBroker(engine, table_prefix=f"{prefix}_")

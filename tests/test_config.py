@@ -345,3 +345,20 @@ def test_unparsable_database_url_does_not_echo_the_password(url: str) -> None:
     while chain is not None:
         assert "s3cretpw" not in str(chain), str(chain)
         chain = chain.__cause__
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"REDIS_HOST": "cache", "REDIS_PORT": "²"}, "REDIS_PORT"),
+        ({"REDIS_HOST": "cache:6379"}, "REDIS_HOST"),
+        ({"REDIS_HOST": "cache\x00"}, "REDIS_HOST"),
+        ({"REDIS_HOST": "ca\tche"}, "REDIS_HOST"),
+        ({"DATABASE_URL": "postgresql+nosuchdriver://bot:s3cretpw@db.example/bot"}, "DATABASE_URL"),
+    ],
+)
+def test_more_malformed_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        from_env(env)
+    assert str(info.value).startswith(f"{variable}:"), str(info.value)
+    assert "s3cretpw" not in str(info.value)
