@@ -190,7 +190,10 @@ class BotApp:
             )
         parts = rest.split("/")
         if parts[0] == "notes" and len(parts) in (2, 3) and parts[1]:
-            record = self.bot.get_note(parts[1])
+            try:
+                record = self.bot.get_note(parts[1])
+            except ValueError:
+                return _not_found()  # not a legal key (NUL, too long): no such note
             if record is None or not _is_public(record.get("note")):
                 # Direct messages are not served: their recipients already have them.
                 return _not_found()
@@ -269,7 +272,12 @@ class BotApp:
             }
         page = pages[0]
         after = _decode_cursor(page)
-        items, next_after = followers.page(after, FOLLOWERS_PAGE_SIZE)
+        try:
+            items, next_after = followers.page(after, FOLLOWERS_PAGE_SIZE)
+        except ValueError:
+            if after is None:
+                raise
+            raise _BadCursor(page) from None  # decodes to no legal key (NUL, too long)
         document: dict[str, Any] = {
             "@context": "https://www.w3.org/ns/activitystreams",
             "id": f"{url}?page={page}",

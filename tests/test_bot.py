@@ -755,3 +755,24 @@ def test_published_note_json_roundtrip(bot: Bot) -> None:
     assert record is not None
     assert json.loads(json.dumps(record)) == record
     assert record["note"]["inReplyTo"] == "https://remote.example/notes/1"
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "AA",  # base64 of "\x00": not a legal key part
+        "AA==",
+        "A" * 4000,  # decodes to a key over the store's size limit
+    ],
+)
+def test_followers_cursor_that_is_not_a_key_is_400(bot: Bot, cursor: str) -> None:
+    r = _request(bot.asgi_app(), "GET", f"{bot.followers_url}?page={cursor}")
+    assert r.status_code == 400 and r.json() == {"error": "invalid page cursor"}
+
+
+@pytest.mark.parametrize("key", ["%00", "a" * 5000, "%ED%A0%80"])
+def test_note_path_that_is_not_a_key_is_404(bot: Bot, key: str) -> None:
+    r = _request(bot.asgi_app(), "GET", f"{bot.actor_id}/notes/{key}")
+    assert r.status_code == 404
+    r = _request(bot.asgi_app(), "GET", f"{bot.actor_id}/notes/{key}/activity")
+    assert r.status_code == 404
