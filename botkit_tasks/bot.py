@@ -241,17 +241,17 @@ class Bot:
 
     def on_follow(self, handler: BotHandler) -> BotHandler:
         """Register ``handler(ctx, follow)``, called after a new follower is stored and accepted."""
-        self._follow.append(handler)
+        self._follow.append(_callable(handler))
         return handler
 
     def on_unfollow(self, handler: BotHandler) -> BotHandler:
         """Register ``handler(ctx, undo)``, called after a follower has been removed."""
-        self._unfollow.append(handler)
+        self._unfollow.append(_callable(handler))
         return handler
 
     def on_mention(self, handler: BotHandler) -> BotHandler:
         """Register ``handler(ctx, note)`` for notes that tag or directly address the bot."""
-        self._mention.append(handler)
+        self._mention.append(_callable(handler))
         return handler
 
     def on_message(self, handler: BotHandler) -> BotHandler:
@@ -260,7 +260,7 @@ class Bot:
         That includes posts of the accounts the bot follows, and mentions
         (which also run the ``on_mention`` handlers).
         """
-        self._message.append(handler)
+        self._message.append(_callable(handler))
         return handler
 
     @overload
@@ -284,7 +284,7 @@ class Bot:
         actor_options.setdefault("queue_name", "default")
 
         def decorate(f: Callable[P, R]) -> dramatiq.Actor[P, R]:
-            return dramatiq.actor(broker=self.broker, **actor_options)(f)
+            return dramatiq.actor(broker=self.broker, **actor_options)(_callable(f))
 
         if fn is not None:
             return decorate(fn)
@@ -627,6 +627,12 @@ class Bot:
                 yield
         else:
             yield
+
+
+def _callable(fn: Callable[P, R]) -> Callable[P, R]:
+    if not callable(fn):
+        raise TypeError(f"a handler or job must be callable, not {fn!r:.100}")
+    return fn
 
 
 def _now() -> str:

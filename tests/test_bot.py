@@ -776,3 +776,13 @@ def test_note_path_that_is_not_a_key_is_404(bot: Bot, key: str) -> None:
     assert r.status_code == 404
     r = _request(bot.asgi_app(), "GET", f"{bot.actor_id}/notes/{key}/activity")
     assert r.status_code == 404
+
+
+@pytest.mark.parametrize("decorator", ["on_follow", "on_unfollow", "on_mention", "on_message"])
+def test_handler_decorators_refuse_non_callables(bot: Bot, decorator: str) -> None:
+    with pytest.raises(TypeError, match="callable"):
+        getattr(bot, decorator)("not a function")
+    with pytest.raises(TypeError, match="callable"):
+        bot.job(42)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="callable"):
+        bot.job(max_retries=1)(None)  # type: ignore[arg-type]
