@@ -316,6 +316,12 @@ class Bot:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, not {type(text).__name__}")
+        if not text.strip():
+            raise ValueError("text must not be empty or only whitespace")
+        if isinstance(to, (str, bytes)):
+            raise TypeError("to= must be a list of recipients, not a single string")
+        if in_reply_to is not None and not isinstance(in_reply_to, str):
+            raise TypeError(f"in_reply_to must be a string id, not {type(in_reply_to).__name__}")
         actor = self.actor_id
         key = _sortable_id()
         note_id = f"{actor}/notes/{key}"

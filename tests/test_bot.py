@@ -786,3 +786,16 @@ def test_handler_decorators_refuse_non_callables(bot: Bot, decorator: str) -> No
         bot.job(42)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="callable"):
         bot.job(max_retries=1)(None)  # type: ignore[arg-type]
+
+
+def test_publish_refuses_malformed_recipients_and_reply_targets(bot: Bot) -> None:
+    # A bare string would be taken letter by letter as actor ids
+    with pytest.raises(TypeError, match="to="):
+        bot.publish("hi", to=REMOTE)
+    with pytest.raises(TypeError, match="in_reply_to"):
+        bot.publish("hi", in_reply_to=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty"):
+        bot.publish(" \n\n ")
+    # Nothing was stored or enqueued
+    assert list(bot.kv.list(("botkit", "greeter", "notes"))) == []
+    assert _queued(bot, "botkit.fanout") == [] and _queued(bot, "botkit.outbox") == []
