@@ -269,3 +269,21 @@ def test_inbox_app_is_reachable_from_json(broker: StubBroker) -> None:
     message = broker.get_actor("botkit_inbox").message("greetbot", {"type": "Follow"}, "x")
     assert json.loads(message.encode())["args"] == ["greetbot", {"type": "Follow"}, "x"]
     fed.close()
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://bot.example/a\nb",  # urlsplit silently drops the newline
+        "https://bot.example/a b",
+        "https://bot.example\\evil",
+        " https://bot.example",
+        "https://bot.example/\x00",
+        'https://bot.example/"x"',
+    ],
+)
+def test_base_url_with_characters_no_url_may_hold_is_refused(
+    broker: StubBroker, base_url: str
+) -> None:
+    with pytest.raises(ConfigurationError, match="base_url"):
+        make(broker, base_url=base_url)

@@ -54,6 +54,9 @@ Handler = Callable[[InboxContext, dict[str, Any]], None]
 #: Usernames become URL path segments and key-value key parts: keep them boring.
 _USERNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9_])?")
 
+#: Characters RFC 3986 does not allow anywhere in a URL (beside non-ASCII).
+_URL_UNSAFE = re.compile(r'[\x00-\x20\x7f\\<>"{}|^`]')
+
 #: Attribute under which a broker keeps the federations declared on it, by username.
 _REGISTRY_ATTR = "_botkit_federations"
 
@@ -61,6 +64,13 @@ _REGISTRY_ATTR = "_botkit_federations"
 def _normalise_base_url(base_url: object, *, allow_private_addresses: bool) -> str:
     if not isinstance(base_url, str):
         raise ConfigurationError(f"base_url must be a string, not {base_url!r}")
+    bad = _URL_UNSAFE.search(base_url)
+    if bad is not None:
+        # urlsplit() would drop some of these silently and keep others in ids.
+        raise ConfigurationError(
+            f"base_url {base_url!r} contains {bad.group()!r}, which a URL cannot hold "
+            "(spaces, control characters, backslashes and quotes must be percent-encoded)"
+        )
     try:
         parts = urlsplit(base_url)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
