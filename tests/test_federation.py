@@ -287,3 +287,9 @@ def test_base_url_with_characters_no_url_may_hold_is_refused(
 ) -> None:
     with pytest.raises(ConfigurationError, match="base_url"):
         make(broker, base_url=base_url)
+
+
+def test_base_url_with_credentials_does_not_echo_the_password(broker: StubBroker) -> None:
+    with pytest.raises(ConfigurationError, match="credentials") as info:
+        make(broker, base_url="https://user:s3cretpw@bot.example")
+    assert "s3cretpw" not in str(info.value)

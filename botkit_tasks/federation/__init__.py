@@ -84,7 +84,10 @@ def _normalise_base_url(base_url: object, *, allow_private_addresses: bool) -> s
             "(plain http is only allowed with allow_private_addresses=True)"
         )
     if parts.username is not None or parts.password is not None:
-        raise ConfigurationError(f"base_url {base_url!r} must not contain credentials")
+        host = parts.netloc.rpartition("@")[2]
+        raise ConfigurationError(
+            f"base_url {parts.scheme}://…@{host} must not contain credentials (user:password@)"
+        )
     if parts.query or parts.fragment or base_url.endswith(("?", "#")):
         raise ConfigurationError(f"base_url {base_url!r} must not have a query or fragment")
     # "https://bot.example/" and "https://bot.example" name the same site.
