@@ -524,3 +524,45 @@ def test_atomic_commit_and_rollback(sql_backend: Backend) -> None:
             broker.drop_tables()
         backend.brokers.clear()
         engine.dispose()
+
+
+def test_consumer_restart_does_not_hand_out_messages_still_running(
+    sql_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dramatiq.worker
+    from dramatiq.errors import ConnectionClosed
+
+    from botkit_tasks.brokers._consumer import SqlConsumer
+
+    monkeypatch.setattr(dramatiq.worker, "CONSUMER_RESTART_DELAY_SECS", 0.1)
+    backend = sql_backend
+    broker = backend.make_broker(heartbeat_timeout=1.0)
+    queue = unique_name("q")
+    runs: list[int] = []
+    started = threading.Event()
+    fail_once = threading.Event()
+
+    @dramatiq.actor(broker=broker, queue_name=queue, max_retries=0)
+    def slow(x: int) -> None:
+        runs.append(x)
+        started.set()
+        time.sleep(3.0)
+
+    original = SqlConsumer._next
+
+    def flaky_next(self: SqlConsumer) -> Any:
+        if self.queue_name == queue and fail_once.is_set():
+            fail_once.clear()
+            raise ConnectionClosed(RuntimeError("simulated outage"))  # type: ignore[no-untyped-call]
+        return original(self)
+
+    monkeypatch.setattr(SqlConsumer, "_next", flaky_next)
+    slow.send(1)
+    with running_worker(broker, threads=2):
+        assert started.wait(10)
+        # Given a message still running when its consumer hits a connection error
+        # and the worker restarts that consumer (under a new worker id)
+        fail_once.set()
+        # Then the message is not handed out again once the old id's heartbeat lapses
+        broker.join(queue, timeout=20_000)
+    assert runs == [1]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from dramatiq.broker import Consumer, MessageProxy
-from dramatiq.common import current_millis
+from dramatiq.common import current_millis, q_name
 from dramatiq.errors import ConnectionClosed
 from dramatiq.logging import get_logger
 from dramatiq.message import Message
@@ -107,6 +107,11 @@ class SqlConsumer(Consumer):
         self._registered = False
         self._closed = False
         self._conn: Connection | None = None
+        self._pid = os.getpid()
+        # Set when a closed consumer's in-flight rows were adopted by a
+        # restarted consumer of the same queue: releases are forwarded to it.
+        self._abandoned: set[int] = set()
+        self._adopter: SqlConsumer | None = None
         broker._subscribe(self)
 
     # Called from the listener thread, enqueuing threads and worker threads.
@@ -219,6 +224,7 @@ class SqlConsumer(Consumer):
         # nothing and each statement commits on its own.
         with conn.begin():
             self._heartbeat(conn, time.monotonic())
+            self._adopt(conn)
             if broker.is_postgres:
                 acks, restore = broker._take_acks()
                 try:
@@ -259,6 +265,37 @@ class SqlConsumer(Consumer):
         if bad:
             self._dead_letter_undecodable(bad)
         return True
+
+    def _adopt(self, conn: Connection) -> None:
+        """Take over the in-flight rows of closed consumers of this queue in this process.
+
+        After a connection error Dramatiq restarts a consumer (a new worker id)
+        while the worker threads still run or hold the messages the old one
+        handed out; without this, the old id's heartbeat lapses and those
+        messages are handed out again while they run.
+        """
+        m = self.broker.messages
+        for old in self.broker._take_orphans(self.queue_name):
+            with old._lock:
+                ids = old._unacked - old._abandoned
+                with self._lock:
+                    self._unacked.update(ids)
+                old._adopter = self
+            adopted: set[int] = set()
+            for chunk in _chunks(sorted(ids)):
+                adopted.update(
+                    conn.execute(
+                        m.update()
+                        .where(m.c.id.in_(chunk), m.c.state == CONSUMED)
+                        .where(m.c.worker_id == old.worker_id)
+                        .values(worker_id=self.worker_id)
+                        .returning(m.c.id)
+                    )
+                    .scalars()
+                    .all()
+                )
+            if ids - adopted:
+                self._release(ids - adopted)
 
     def _schedule_poll(self, conn: Connection) -> None:
         """Poll again at the next due time of a delayed row, or after poll_interval."""
@@ -306,12 +343,16 @@ class SqlConsumer(Consumer):
             self._unacked.difference_update(row_id for row_id, _ in bad)
 
     def _release(self, row_ids: Iterable[int]) -> None:
+        row_ids = list(row_ids)
         with self._lock:
             before = self.prefetch - len(self._unacked)
             self._unacked.difference_update(row_ids)
             after = self.prefetch - len(self._unacked)
+            adopter = self._adopter
         if before < self._refill <= after:
             self._event.set()
+        if adopter is not None:
+            adopter._release(row_ids)
 
     # Called from worker threads.
     def ack(self, message: MessageProxy) -> None:
@@ -389,6 +430,13 @@ class SqlConsumer(Consumer):
         with self._lock:
             cached = [proxy.row_id for proxy in self._cache]
             self._cache.clear()
+            self._abandoned = set(cached)
+            in_flight = bool(self._unacked - self._abandoned)
+        # Rows handed out and not yet acked: a restarted consumer of this queue
+        # takes them over.  Not for a delay queue, whose held messages Dramatiq
+        # drops on a connection error: those come back through heartbeat expiry.
+        if in_flight and q_name(self.queue_name) == self.queue_name:
+            self.broker._add_orphan(self)
         try:
             conn = self._connection()
             if cached:

@@ -243,6 +243,7 @@ class SqlBroker(dramatiq.Broker):
         self._lock = threading.Lock()
         self._waiters: dict[str, set[SqlConsumer]] = {}
         self._acks: list[int] = []
+        self._orphans: dict[str, list[SqlConsumer]] = {}
         self._acks_since = 0.0
         self._next_maintenance = time.monotonic() + self._maintenance_interval() * _random.random()
         self._listener: Any = None
@@ -661,6 +662,15 @@ class SqlBroker(dramatiq.Broker):
     def _unsubscribe(self, consumer: SqlConsumer) -> None:
         with self._lock:
             self._waiters.get(consumer.queue_name, set()).discard(consumer)
+
+    def _add_orphan(self, consumer: SqlConsumer) -> None:
+        with self._lock:
+            self._orphans.setdefault(consumer.queue_name, []).append(consumer)
+
+    def _take_orphans(self, queue_name: str) -> list[SqlConsumer]:
+        with self._lock:
+            orphans = self._orphans.pop(queue_name, [])
+        return [old for old in orphans if old._pid == os.getpid()]
 
     def _wake(self, queues: Iterable[str]) -> None:
         for queue in queues:
