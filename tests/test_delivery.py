@@ -535,3 +535,40 @@ def test_connection_refused_through_the_worker_exhausts_retries_and_records_the_
     record = fed.kv.get(("botkit", "hosts", host_of(url)))
     days = record.get("days") if isinstance(record, dict) else None
     assert isinstance(days, list) and len(days) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((), {}, "botkit_deliver"),
+        (("bot",), {}, "botkit_deliver"),
+        (("bot", 5, "http://127.0.0.1:1/inbox"), {}, "activity_id"),
+        (("bot", "http://x/1", 5, {"id": "http://x/1"}), {}, "inbox_url"),
+        (("bot", "http://x/1", "http://127.0.0.1:1/inbox", "not a dict"), {}, "activity"),
+        (("bot", "http://x/1", "http://127.0.0.1:1/inbox"), {"bogus": 1}, "botkit_deliver"),
+    ],
+)
+def test_delivery_job_with_malformed_arguments_fails_permanently(
+    args: tuple[Any, ...], kwargs: dict[str, Any], match: str
+) -> None:
+    fed = make_federation()
+    with Running(fed) as running:
+        fed.broker.get_actor("botkit_deliver").send(*args, **kwargs)
+        with pytest.raises(PermanentDeliveryError, match=match):
+            running.join()
+    assert running.delays == []  # not retried
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [((), "botkit_fanout"), (("bot",), "botkit_fanout"), (("bot", ["x"]), "activity_id")],
+)
+def test_fanout_job_with_malformed_arguments_fails_permanently(
+    args: tuple[Any, ...], match: str
+) -> None:
+    fed = make_federation()
+    with Running(fed) as running:
+        fed.broker.get_actor("botkit_fanout").send(*args)
+        with pytest.raises(PermanentDeliveryError, match=match):
+            fed.broker.join("botkit.fanout", timeout=20_000)
+    assert running.delays == []

@@ -59,13 +59,15 @@ import dataclasses
 import datetime as dt
 import email.utils
 import enum
+import functools
+import inspect
 import json
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 from urllib.parse import urlsplit
 
 import dramatiq
@@ -557,6 +559,38 @@ def _load_body(
     return json.dumps(activity, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+_P = ParamSpec("_P")
+
+
+def _checked_arguments(fn: Callable[_P, None]) -> Callable[_P, None]:
+    """``fn`` as an actor function that fails permanently on a call its signature refuses.
+
+    A message with missing or unknown arguments can never succeed: retrying it
+    would only delay its dead letter by hours.
+    """
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise PermanentDeliveryError(
+                f"{fn.__name__}: malformed job arguments {args!r:.200} {kwargs!r:.200}: {exc}"
+            ) from None
+        fn(*args, **kwargs)
+
+    return checked
+
+
+def _require(value: object, kind: type | tuple[type, ...], name: str, job: str) -> None:
+    """Raise :class:`PermanentDeliveryError` unless the job argument ``name`` is a ``kind``."""
+    if not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        wanted = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+        raise PermanentDeliveryError(f"{job}: {name} must be {wanted}, not {value!r:.100}")
+
+
 def _resolve(owner: FederationLike, username: str) -> FederationLike:
     """The federation a job belongs to: several may share one broker (and one actor)."""
     if username == owner.username:
@@ -613,6 +647,10 @@ def declare_delivery_actors(federation: FederationLike) -> dramatiq.Actor[..., N
         activity: dict[str, Any] | None = None,
         direct: bool = False,
     ) -> None:
+        _require(username, str, "username", "botkit_deliver")
+        _require(activity_id, str, "activity_id", "botkit_deliver")
+        _require(inbox_url, str, "inbox_url", "botkit_deliver")
+        _require(activity, (dict, type(None)), "activity", "botkit_deliver")
         federation = _resolve(owner, username)
         # Fan-out deliveries skip hosts marked unavailable since they were
         # enqueued; direct sends usually answer a request the host just made.
@@ -644,7 +682,7 @@ def declare_delivery_actors(federation: FederationLike) -> dramatiq.Actor[..., N
         queue_name=OUTBOX_QUEUE,
         broker=broker,
         **actor_options,
-    )(botkit_deliver)
+    )(_checked_arguments(botkit_deliver))
     # The pool lives as long as the actor; closing it then (or at exit) shuts
     # its keep-alive sockets cleanly instead of leaving them to the GC.
     weakref.finalize(deliver_actor, _close_all, clients)

@@ -36,6 +36,8 @@ from botkit_tasks.federation.delivery import (
     DeliveryOptions,
     FederationLike,
     PermanentDeliveryError,
+    _checked_arguments,
+    _require,
     _resolve,
     activity_key,
     host_of,
@@ -243,12 +245,19 @@ def declare_fanout_actor(federation: FederationLike) -> dramatiq.Actor[[str, str
     declared on the same broker (:func:`declare_delivery_actors`).
     """
     broker = federation.broker
-    wanted: dict[str, Any] = {"max_retries": 5, "min_backoff": 1000, "max_backoff": 300_000}
+    wanted: dict[str, Any] = {
+        "max_retries": 5,
+        "min_backoff": 1000,
+        "max_backoff": 300_000,
+        "throws": (PermanentDeliveryError,),
+    }
     actor_options = {k: v for k, v in wanted.items() if k in broker.actor_options}
 
     owner = federation
 
     def botkit_fanout(username: str, activity_id: str) -> None:
+        _require(username, str, "username", "botkit_fanout")
+        _require(activity_id, str, "activity_id", "botkit_fanout")
         try:
             federation = _resolve(owner, username)
         except PermanentDeliveryError as exc:
@@ -264,7 +273,7 @@ def declare_fanout_actor(federation: FederationLike) -> dramatiq.Actor[[str, str
         queue_name=FANOUT_QUEUE,
         broker=broker,
         **actor_options,
-    )(botkit_fanout)
+    )(_checked_arguments(botkit_fanout))
     return fanout_actor
 
 
