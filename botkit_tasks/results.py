@@ -54,6 +54,19 @@ def _ttl_seconds(ttl_ms: int | float | None) -> float | None:
     return max(float(ttl_ms), 0.0) / 1000.0
 
 
+def _key_prefix(key_prefix: Iterable[str]) -> KvKey:
+    # A bare string is iterable too: "myapp" would become ("m", "y", "a", "p", "p").
+    if isinstance(key_prefix, (str, bytes)) or not isinstance(key_prefix, Iterable):
+        raise TypeError(f"key_prefix must be a tuple of strings, not {key_prefix!r:.100}")
+    parts = tuple(key_prefix)
+    for part in parts:
+        if not isinstance(part, str):
+            raise TypeError(
+                f"key_prefix parts must be strings, not {part!r:.100} in {parts!r:.100}"
+            )
+    return parts
+
+
 class _Waiters:
     """Wakes same-process waiters at once; other processes are reached by polling."""
 
@@ -112,6 +125,9 @@ class KvResultBackend(ResultBackend):
         use_namespace_prefix_keys: bool = False,
         key_prefix: Iterable[str] = DEFAULT_KEY_PREFIX,
     ) -> None:
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be a string, not {namespace!r:.100}")
+        key_prefix = _key_prefix(key_prefix)
         super().__init__(
             namespace=namespace,
             encoder=encoder,
@@ -185,7 +201,7 @@ class KvRateLimiterBackend(RateLimiterBackend):
 
     def __init__(self, kv: KvStore, *, key_prefix: Iterable[str] = DEFAULT_KEY_PREFIX) -> None:
         self.kv = kv
-        self.key_prefix: KvKey = (*tuple(key_prefix), "rate-limits")
+        self.key_prefix: KvKey = (*_key_prefix(key_prefix), "rate-limits")
         self._waiters = _Waiters()
 
     def _key(self, key: str) -> KvKey:

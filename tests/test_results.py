@@ -339,3 +339,21 @@ def test_counters_are_exact_across_processes(
             with store.engine.begin() as conn:
                 conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}"'))
         store.close()
+
+
+@pytest.mark.parametrize("backend", [KvResultBackend, KvRateLimiterBackend])
+@pytest.mark.parametrize("key_prefix", ["myapp", b"myapp", [1], ("ok", None)])
+def test_malformed_key_prefix_is_refused_at_construction(backend: Any, key_prefix: Any) -> None:
+    from botkit_tasks.kv import MemoryKvStore
+
+    # A bare string used to become one key part per letter: ("m", "y", "a", "p", "p")
+    with pytest.raises(TypeError, match="key_prefix"):
+        backend(MemoryKvStore(), key_prefix=key_prefix)
+
+
+@pytest.mark.parametrize("namespace", [5, None])
+def test_non_string_result_namespace_is_refused_at_construction(namespace: Any) -> None:
+    from botkit_tasks.kv import MemoryKvStore
+
+    with pytest.raises(TypeError, match="namespace"):
+        KvResultBackend(MemoryKvStore(), namespace=namespace)
