@@ -566,3 +566,39 @@ def test_consumer_restart_does_not_hand_out_messages_still_running(
         # Then the message is not handed out again once the old id's heartbeat lapses
         broker.join(queue, timeout=20_000)
     assert runs == [1]
+
+
+def test_grouped_acks_survive_a_failed_flush_transaction(sql_backend: Backend) -> None:
+    backend = sql_backend
+    broker = backend.make_broker()
+    queue = unique_name("q")
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def noop(x: int) -> None:
+        pass
+
+    noop.send(1)
+    consumer = broker.consume(queue, prefetch=1, timeout=300)
+    try:
+        proxy = next(consumer)
+        assert proxy is not None
+        consumer.ack(proxy)
+        # Given a flush whose transaction fails after the pending acks were deleted in it
+        calls = []
+
+        def failing_heartbeat(conn: Any, now: float) -> None:
+            calls.append(now)
+            raise sa.exc.OperationalError("UPDATE", {}, Exception("disk I/O error"))
+
+        consumer._next_heartbeat = 0.0
+        consumer._heartbeat = failing_heartbeat
+        with pytest.raises(sa.exc.OperationalError):
+            consumer._flush()
+        assert calls
+        # When the next flush succeeds
+        del consumer._heartbeat
+        consumer._flush()
+        # Then the ack was not lost: the row is gone and the queue joins
+        broker.join(queue, timeout=2_000)
+    finally:
+        consumer.close()

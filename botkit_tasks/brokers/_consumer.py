@@ -222,23 +222,22 @@ class SqlConsumer(Consumer):
         params = {"queue": self.queue_name, "limit": limit, "worker": self.worker_id}
         # On PostgreSQL the connection is in autocommit mode: begin() emits
         # nothing and each statement commits on its own.
-        with conn.begin():
-            self._heartbeat(conn, time.monotonic())
-            self._adopt(conn)
-            if broker.is_postgres:
-                acks, restore = broker._take_acks()
-                try:
+        restore: Callable[[], None] | None = None
+        try:
+            with conn.begin():
+                self._heartbeat(conn, time.monotonic())
+                self._adopt(conn)
+                if broker.is_postgres:
+                    acks, restore = broker._take_acks()
                     rows = list(conn.execute(broker._ack_and_claim, {**params, "acks": acks}))
-                except BaseException:
-                    restore()
-                    raise
-            else:
-                restore = broker._flush_acks(conn)
-                try:
+                else:
+                    restore = broker._flush_acks(conn)
                     rows = list(conn.execute(broker._claim, params))
-                except BaseException:
-                    restore()
-                    raise
+        except BaseException:
+            # Up to the commit: a rolled-back transaction deleted nothing.
+            if restore is not None:
+                restore()
+            raise
         self._drained = len(rows) < limit
         if self._drained:
             if rows:
@@ -319,9 +318,15 @@ class SqlConsumer(Consumer):
 
     def _flush(self) -> None:
         conn = self._connection()
-        with conn.begin():
-            self.broker._flush_acks(conn)
-            self._heartbeat(conn, time.monotonic())
+        restore: Callable[[], None] | None = None
+        try:
+            with conn.begin():
+                restore = self.broker._flush_acks(conn)
+                self._heartbeat(conn, time.monotonic())
+        except BaseException:
+            if restore is not None:
+                restore()
+            raise
 
     def _dead_letter_undecodable(self, bad: list[tuple[int, str]]) -> None:
         m = self.broker.messages

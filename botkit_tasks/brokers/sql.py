@@ -698,10 +698,13 @@ class SqlBroker(dramatiq.Broker):
             orphan = not any(self._waiters.values())
         if orphan:
             # No consumer left to flush it (e.g. an ack after shutdown began).
+            restore: Callable[[], None] | None = None
             try:
                 with self.engine.begin() as conn:
-                    self._flush_acks(conn)
+                    restore = self._flush_acks(conn)
             except sa.exc.DBAPIError as exc:
+                if restore is not None:  # the commit failed: nothing was deleted
+                    restore()
                 if _is_transient(self.engine, exc):
                     raise _closed(exc) from exc
                 raise
