@@ -293,3 +293,26 @@ def test_base_url_with_credentials_does_not_echo_the_password(broker: StubBroker
     with pytest.raises(ConfigurationError, match="credentials") as info:
         make(broker, base_url="https://user:s3cretpw@bot.example")
     assert "s3cretpw" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("activity", "error"),
+    [
+        (None, TypeError),
+        ("https://bot.example/a", TypeError),
+        ([{"id": "https://bot.example/a"}], TypeError),
+        ({"id": "https://bot.example/a", "n": float("nan")}, ValueError),  # would POST NaN
+        ({"id": "https://bot.example/a", 5: "x"}, TypeError),  # would become "5" silently
+        ({"id": "https://bot.example/a", "s": "\x00"}, ValueError),
+    ],
+)
+def test_publish_and_send_refuse_activities_that_are_not_json_objects(
+    broker: StubBroker, activity: Any, error: type[Exception]
+) -> None:
+    fed = make(broker)
+    with pytest.raises(error):
+        fed.send(activity, ["https://a.example/inbox"])
+    with pytest.raises(error):
+        fed.publish(activity)
+    assert messages(broker, "botkit.outbox") == [] and messages(broker, "botkit.fanout") == []
+    assert list(fed.kv.list(("botkit", "greetbot", "activities"))) == []

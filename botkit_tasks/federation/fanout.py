@@ -42,6 +42,7 @@ from botkit_tasks.federation.delivery import (
     activity_key,
     host_of,
 )
+from botkit_tasks.kv._codec import encode_value
 from botkit_tasks.kv.base import JsonValue, KvStore
 
 __all__ = [
@@ -278,6 +279,8 @@ def declare_fanout_actor(federation: FederationLike) -> dramatiq.Actor[[str, str
 
 
 def _activity_id(activity: Mapping[str, Any]) -> str:
+    if not isinstance(activity, Mapping):
+        raise TypeError(f"an activity must be a dict, not {activity!r:.100}")
     activity_id = activity.get("id")
     if not isinstance(activity_id, str) or not activity_id:
         raise ValueError("an activity needs a string 'id' to be delivered")
@@ -318,6 +321,9 @@ def send(federation: FederationLike, activity: Mapping[str, Any], inboxes: Itera
     deliveries enqueued (duplicates removed).
     """
     activity_id = _activity_id(activity)
+    # What the KV store would refuse (NaN, non-str keys, NUL...) must not travel
+    # inline either: json.dumps would send NaN or turn 5 into "5" silently.
+    encode_value(dict(activity))
     urls = list(dict.fromkeys(inboxes))
     inline = len(json.dumps(activity, separators=(",", ":"))) <= INLINE_LIMIT
     if not inline:
