@@ -602,3 +602,25 @@ def test_grouped_acks_survive_a_failed_flush_transaction(sql_backend: Backend) -
         broker.join(queue, timeout=2_000)
     finally:
         consumer.close()
+
+
+def test_join_sees_an_ack_the_consumer_has_not_flushed_yet(sql_backend: Backend) -> None:
+    backend = sql_backend
+    broker = backend.make_broker()
+    queue = unique_name("q")
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def noop(x: int) -> None:
+        pass
+
+    noop.send(1)
+    # Given a consumer that acked its message and then stopped iterating
+    consumer = broker.consume(queue, prefetch=1, timeout=300)
+    try:
+        proxy = next(consumer)
+        assert proxy is not None
+        consumer.ack(proxy)
+        # Then join returns (the ack removed the message, as on RedisBroker)
+        broker.join(queue, timeout=2_000)
+    finally:
+        consumer.close()

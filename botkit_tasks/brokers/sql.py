@@ -540,6 +540,10 @@ class SqlBroker(dramatiq.Broker):
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while True:
             try:
+                if self._acks and ambient_connection(self.engine) is None:
+                    # Acks of this process that no consumer has flushed yet
+                    # (one that stopped iterating) must not hold join up.
+                    self._flush_acks_now()
                 with transaction(self.engine, read_only=True) as conn:
                     pending = conn.execute(count).scalar_one()
             except sa.exc.DBAPIError as exc:
@@ -698,16 +702,23 @@ class SqlBroker(dramatiq.Broker):
             orphan = not any(self._waiters.values())
         if orphan:
             # No consumer left to flush it (e.g. an ack after shutdown began).
-            restore: Callable[[], None] | None = None
             try:
-                with self.engine.begin() as conn:
-                    restore = self._flush_acks(conn)
+                self._flush_acks_now()
             except sa.exc.DBAPIError as exc:
-                if restore is not None:  # the commit failed: nothing was deleted
-                    restore()
                 if _is_transient(self.engine, exc):
                     raise _closed(exc) from exc
                 raise
+
+    def _flush_acks_now(self) -> None:
+        """DELETE the pending acks in a transaction of their own."""
+        restore: Callable[[], None] | None = None
+        try:
+            with self.engine.begin() as conn:
+                restore = self._flush_acks(conn)
+        except BaseException:
+            if restore is not None:  # the commit failed: nothing was deleted
+                restore()
+            raise
 
     def _acks_due(self, now: float) -> bool:
         return bool(self._acks) and now - self._acks_since >= ACK_DELAY
