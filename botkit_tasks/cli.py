@@ -133,14 +133,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument(
-        "--limit", type=int, default=20, help="retrying/dead messages listed (default 20)"
+        "--limit", type=_positive_int, default=20, help="retrying/dead messages listed (default 20)"
     )
 
     dead = commands.add_parser("dead", help="inspect, requeue or purge dead letters")
     dead_commands = dead.add_subparsers(dest="dead_command", metavar="ACTION", required=True)
     dead_list = dead_commands.add_parser("list", parents=[backend], help="list dead letters")
     dead_list.add_argument("--queue", help="only this queue")
-    dead_list.add_argument("--limit", type=int, default=100, help="at most this many (100)")
+    dead_list.add_argument(
+        "--limit", type=_positive_int, default=100, help="at most this many (100)"
+    )
     dead_list.add_argument("--json", action="store_true", help="print JSON")
     dead_show = dead_commands.add_parser(
         "show", parents=[backend], help="one dead letter with its traceback"
@@ -165,6 +167,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> int:

@@ -246,3 +246,13 @@ def test_errors_have_clear_messages_and_exit_codes(
     assert _run("dead")[0] == 2
     assert _run("frobnicate")[0] == 2
     assert _run("--version")[0] == 0
+
+
+@pytest.mark.parametrize("argv", [["dead", "list", "--limit", "-5"], ["status", "--limit", "0"]])
+def test_limit_below_one_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to be taken as 0, which lists nothing and says "No dead letters."
+    assert _run(*argv)[0] == 2
+    err = capsys.readouterr().err
+    assert "--limit" in err and "Traceback" not in err
