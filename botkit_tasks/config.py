@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, StoreError
 
 if TYPE_CHECKING:
     import dramatiq
@@ -297,7 +297,7 @@ def _redact(url: str) -> str:
 
 def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import NoSuchModuleError
+    from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 
     from ._sql import create_engine, normalize_url
 
@@ -323,8 +323,18 @@ def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
     try:
         kv = SqlKvStore(engine, table_name=f"{prefix}_kv")
         broker = SqlBroker(engine, table_prefix=f"{prefix}_")
-    except BaseException:
+    except BaseException as exc:
         engine.dispose()
+        cause = getattr(exc, "orig", None) or exc.__cause__ or exc
+        if (
+            backend == "sqlite"
+            and isinstance(exc, (DBAPIError, StoreError))
+            and not any(word in str(cause).lower() for word in ("locked", "busy"))
+        ):
+            # A path in a missing directory, a directory, a file that is no database.
+            raise ConfigurationError(
+                f"{variable}: cannot open the SQLite database {parsed.database!r}: {cause}"
+            ) from exc
         raise
     shown = make_url(parsed).render_as_string(hide_password=True)
     kind: BackendKind = "sqlite" if backend == "sqlite" else "postgresql"

@@ -362,3 +362,20 @@ def test_more_malformed_values_name_the_variable(env: dict[str, str], variable: 
         from_env(env)
     assert str(info.value).startswith(f"{variable}:"), str(info.value)
     assert "s3cretpw" not in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "directory", "not-a-database"])
+def test_sqlite_file_that_cannot_be_opened_names_the_variable(tmp_path: Path, where: str) -> None:
+    if where == "missing-dir":
+        path = tmp_path / "no" / "such" / "dir" / "bot.sqlite3"
+    elif where == "directory":
+        path = tmp_path
+    else:
+        path = tmp_path / "notes.txt"
+        path.write_text("this is not a database\n" * 100)
+    with pytest.raises(ConfigurationError) as info:
+        from_env({"BOTKIT_SQLITE_PATH": str(path)})
+    assert str(info.value).startswith("BOTKIT_SQLITE_PATH:"), str(info.value)
+    with pytest.raises(ConfigurationError) as info:
+        from_env({"DATABASE_URL": f"sqlite:///{path}"})
+    assert str(info.value).startswith("DATABASE_URL:"), str(info.value)
