@@ -346,7 +346,12 @@ def _redis_backends(url: str, prefix: str | None) -> Backends:
 
     from .kv.redis import RedisKvStore
 
-    kv = RedisKvStore(url, key_prefix=f"{prefix or DEFAULT_PREFIX}:")
+    try:
+        kv = RedisKvStore(url, key_prefix=f"{prefix or DEFAULT_PREFIX}:")
+    except ConfigurationError:
+        raise
+    except ValueError as exc:  # redis-py refuses an option of the URL's query string
+        raise ConfigurationError(f"REDIS_URL: {exc} ({_redact(url)!r})") from exc
     try:
         broker = RedisBroker(url=url, namespace=prefix or "dramatiq")  # type: ignore[no-untyped-call]
     except BaseException:

@@ -379,3 +379,10 @@ def test_sqlite_file_that_cannot_be_opened_names_the_variable(tmp_path: Path, wh
     with pytest.raises(ConfigurationError) as info:
         from_env({"DATABASE_URL": f"sqlite:///{path}"})
     assert str(info.value).startswith("DATABASE_URL:"), str(info.value)
+
+
+def test_redis_url_with_a_malformed_option_names_the_variable() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        from_env({"REDIS_URL": "redis://:s3cretpw@cache:6379/0?socket_timeout=soon"})
+    assert str(info.value).startswith("REDIS_URL:"), str(info.value)
+    assert "s3cretpw" not in str(info.value)
