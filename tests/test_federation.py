@@ -316,3 +316,20 @@ def test_publish_and_send_refuse_activities_that_are_not_json_objects(
         fed.publish(activity)
     assert messages(broker, "botkit.outbox") == [] and messages(broker, "botkit.fanout") == []
     assert list(fed.kv.list(("botkit", "greetbot", "activities"))) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("allow_private_addresses", "no"),  # bool("no") is True: SSRF protection off
+        ("allow_private_addresses", "false"),
+        ("allow_private_addresses", 1),
+        ("delivery_options", {"max_retries": 3}),
+        ("broker", None),
+    ],
+)
+def test_options_of_the_wrong_type_are_refused(option: str, value: Any) -> None:
+    broker = StubBroker()
+    with pytest.raises(TypeError, match=option):
+        make(broker, **{option: value})
+    assert not broker.actors  # nothing declared

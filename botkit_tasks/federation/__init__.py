@@ -152,6 +152,20 @@ class Federation:
                 f"username {username!r} must be 1-64 letters, digits, '_', '.' or '-' "
                 "and must not start or end with '.' or '-'"
             )
+        import dramatiq
+
+        if not isinstance(broker, dramatiq.Broker):
+            raise TypeError(f"broker must be a dramatiq.Broker, not {broker!r:.100}")
+        if not isinstance(allow_private_addresses, bool):
+            # bool("false") is True: a string from the environment would turn SSRF checks off.
+            raise TypeError(
+                "allow_private_addresses must be True or False, "
+                f"not {allow_private_addresses!r:.100}"
+            )
+        if delivery_options is not None and not isinstance(delivery_options, DeliveryOptions):
+            raise TypeError(
+                f"delivery_options must be a DeliveryOptions, not {delivery_options!r:.100}"
+            )
         self.kv = kv
         self.broker = broker
         self.username = username
