@@ -153,6 +153,11 @@ class Bot:
     ) -> None:
         from . import __version__
 
+        for option, value in (("name", name), ("summary", summary), ("user_agent", user_agent)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{option} must be a string, not {value!r:.100}")
+        if user_agent is not None and not user_agent.isprintable():
+            raise ValueError(f"user_agent {user_agent!r:.100} must be one printable line")
         self.federation = Federation(
             kv=kv,
             broker=broker,

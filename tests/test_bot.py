@@ -799,3 +799,28 @@ def test_publish_refuses_malformed_recipients_and_reply_targets(bot: Bot) -> Non
     # Nothing was stored or enqueued
     assert list(bot.kv.list(("botkit", "greeter", "notes"))) == []
     assert _queued(bot, "botkit.fanout") == [] and _queued(bot, "botkit.outbox") == []
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("name", 5, TypeError),  # used to break every GET of the actor (500)
+        ("summary", ["Says hello."], TypeError),
+        ("user_agent", 5, TypeError),
+        ("user_agent", "bot\r\nX-Injected: 1", ValueError),
+    ],
+)
+def test_bot_options_of_the_wrong_type_are_refused(
+    option: str, value: Any, error: type[Exception]
+) -> None:
+    broker = StubBroker()
+    with pytest.raises(error, match=option):
+        Bot(
+            "greeter",
+            base_url=BASE,
+            kv=MemoryKvStore(),
+            broker=broker,
+            set_global_broker=False,
+            **{option: value},
+        )
+    assert not broker.actors  # nothing declared
