@@ -624,3 +624,38 @@ def test_join_sees_an_ack_the_consumer_has_not_flushed_yet(sql_backend: Backend)
         broker.join(queue, timeout=2_000)
     finally:
         consumer.close()
+
+
+def test_notify_is_sent_again_after_a_rolled_back_savepoint(database_url: str) -> None:
+    import psycopg
+
+    backend = Backend("postgres", database_url)
+    engine = create_engine(database_url)
+    try:
+        broker = backend.make_broker(engine)
+        queue = unique_name("q")
+
+        @dramatiq.actor(broker=broker, queue_name=queue)
+        def noop(x: int) -> None:
+            pass
+
+        listen_url = sa.make_url(database_url).set(drivername="postgresql")
+        with psycopg.connect(
+            listen_url.render_as_string(hide_password=False), autocommit=True
+        ) as listener:
+            listener.execute(f'LISTEN "{broker.channel}"')
+            # Given a message sent in a savepoint that rolls back, then one in the outer block
+            with atomic(engine):
+                try:
+                    with atomic(engine):
+                        noop.send(1)
+                        raise RuntimeError("roll the savepoint back")
+                except RuntimeError:
+                    pass
+                noop.send(2)
+            # Then the commit notifies the queue (other processes wake at once)
+            payloads = [n.payload for n in listener.notifies(timeout=2.0, stop_after=1)]
+        assert payloads == [queue]
+    finally:
+        backend.cleanup()
+        engine.dispose()

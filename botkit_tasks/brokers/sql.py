@@ -495,9 +495,11 @@ class SqlBroker(dramatiq.Broker):
         if self.is_postgres:
             # Postgres folds identical notifications of one transaction into one,
             # but each pg_notify() is still a round trip: skip repeats.
-            txn = conn.get_transaction()
+            # Per savepoint: a rolled-back savepoint discards its NOTIFY, so
+            # the enclosing transaction must not count it as sent.
+            txn = conn.get_nested_transaction() or conn.get_transaction()
             seen: tuple[Any, set[str]] | None = conn.info.get("botkit_notified")
-            if seen is None or seen[0] is not txn or conn.in_nested_transaction():
+            if seen is None or seen[0] is not txn:
                 seen = (txn, set())
                 conn.info["botkit_notified"] = seen
             for queue in queues:
