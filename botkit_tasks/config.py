@@ -210,6 +210,10 @@ def _sqlite_url(env: Mapping[str, str]) -> str:
     path = env.get("BOTKIT_SQLITE_PATH", DEFAULT_SQLITE_PATH)
     if "\x00" in path:
         raise ConfigurationError("BOTKIT_SQLITE_PATH: contains a NUL character")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"BOTKIT_SQLITE_PATH: {path!r} is not valid UTF-8") from None
     return f"sqlite:///{os.path.abspath(path)}"
 
 

@@ -386,3 +386,10 @@ def test_redis_url_with_a_malformed_option_names_the_variable() -> None:
         from_env({"REDIS_URL": "redis://:s3cretpw@cache:6379/0?socket_timeout=soon"})
     assert str(info.value).startswith("REDIS_URL:"), str(info.value)
     assert "s3cretpw" not in str(info.value)
+
+
+def test_sqlite_path_that_is_not_utf8_names_the_variable() -> None:
+    # os.environ holds undecodable bytes as lone surrogates
+    with pytest.raises(ConfigurationError) as info:
+        from_env({"BOTKIT_SQLITE_PATH": "bot\udcff.sqlite3"})
+    assert str(info.value).startswith("BOTKIT_SQLITE_PATH:"), str(info.value)
