@@ -612,7 +612,8 @@ class Bot:
             return load_actor(self.federation, target)
         if not isinstance(target, Mapping) or not isinstance(target.get("id"), str):
             raise ValueError(f"recipient must be an actor id or an actor document: {target!r:.100}")
-        if not isinstance(target.get("inbox"), str):
+        inbox = target.get("inbox")
+        if not isinstance(inbox, str) or not inbox:
             return load_actor(self.federation, str(target["id"]))
         return dict(target)
 

@@ -824,3 +824,12 @@ def test_bot_options_of_the_wrong_type_are_refused(
             **{option: value},
         )
     assert not broker.actors  # nothing declared
+
+
+def test_direct_message_to_a_document_with_an_empty_inbox_loads_the_actor(bot: Bot) -> None:
+    # An empty inbox used to pass as "has an inbox": the note was stored, then
+    # Federation.send refused "" and the message was never enqueued.
+    bot.kv.set(("botkit", "remote-actors", REMOTE), _remote_actor())
+    bot.publish("psst", to=[{"id": REMOTE, "inbox": ""}])
+    [job] = _queued(bot, "botkit.outbox")
+    assert job.args[2] == f"{REMOTE}/inbox"
