@@ -310,7 +310,11 @@ def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
     except ConfigurationError as exc:
         raise ConfigurationError(f"{variable}: {exc}") from exc
     backend = parsed.get_backend_name()
-    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+    if backend == "sqlite" and (
+        parsed.database in (None, "", ":memory:")
+        or ":memory:" in (parsed.database or "")
+        or parsed.query.get("mode") == "memory"
+    ):
         # Workers and the web app must see the same queue: a private in-memory
         # database per connection would silently lose every message.
         raise ConfigurationError(f"{variable}: an in-memory SQLite database cannot hold a queue")

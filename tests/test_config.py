@@ -393,3 +393,13 @@ def test_sqlite_path_that_is_not_utf8_names_the_variable() -> None:
     with pytest.raises(ConfigurationError) as info:
         from_env({"BOTKIT_SQLITE_PATH": "bot\udcff.sqlite3"})
     assert str(info.value).startswith("BOTKIT_SQLITE_PATH:"), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///file:bot?mode=memory&cache=shared&uri=true", "sqlite:///file::memory:?uri=true"],
+)
+def test_in_memory_sqlite_uri_is_refused(url: str) -> None:
+    # Each process (the web app, every worker) would get its own empty queue
+    with pytest.raises(ConfigurationError, match=r"^DATABASE_URL: an in-memory"):
+        from_env({"DATABASE_URL": url})
