@@ -1091,3 +1091,16 @@ def test_seen_mark_and_job_commit_together_on_one_sql_engine(
     monkeypatch.undo()
     assert fed.inbox_app.handle(INBOX_URL, headers, body)[0] == 202
     assert count() == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [((), {}), ((USERNAME,), {}), ((1, 2, 3, 4), {}), ((USERNAME, {}, "x"), {"bogus": 1})],
+)
+def test_inbox_job_with_malformed_arguments_is_not_retried(
+    federation: Federation, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    # A TypeError from the call itself used to be retried like a transient failure
+    inbox_actor = federation.broker.get_actor(INBOX_ACTOR_NAME)
+    with pytest.raises(MalformedActivityError, match="botkit_inbox"):
+        inbox_actor(*args, **kwargs)

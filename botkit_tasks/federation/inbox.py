@@ -19,6 +19,7 @@ produces a 5xx.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -408,6 +409,13 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 # --------------------------------------------------------------------------- the job
 
 
+def _inbox_job(username: str, activity: dict[str, Any], actor_id: str) -> None:
+    """The arguments of a ``botkit_inbox`` job (a signature, never called)."""
+
+
+_INBOX_JOB_SIGNATURE = inspect.signature(_inbox_job)
+
+
 def declare_inbox_actor(federation: Federation) -> dramatiq.Actor[..., None]:
     """Declare ``botkit_inbox`` (queue ``botkit.inbox``) on the federation's broker.
 
@@ -420,9 +428,16 @@ def declare_inbox_actor(federation: Federation) -> dramatiq.Actor[..., None]:
     if existing is not None and getattr(existing.fn, "_botkit_broker", None) is broker:
         return existing
 
-    def botkit_inbox(username: str, activity: dict[str, Any], actor_id: str) -> None:
+    def botkit_inbox(*args: Any, **kwargs: Any) -> None:
         from . import get_federation
 
+        # A message whose arguments do not fit can never succeed: do not retry it.
+        try:
+            username, activity, actor_id = _INBOX_JOB_SIGNATURE.bind(*args, **kwargs).args
+        except TypeError as exc:
+            raise MalformedActivityError(
+                f"botkit_inbox: malformed job arguments {args!r:.200} {kwargs!r:.200}: {exc}"
+            ) from None
         process_inbox_job(get_federation(broker, username), activity, actor_id)
 
     # Marks the function as ours for this broker (see the check above).
