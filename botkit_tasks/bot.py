@@ -80,6 +80,9 @@ SECURITY_CONTEXT = "https://w3id.org/security/v1"
 #: Activity types whose object counts as a message for ``on_message``/``on_mention``.
 _NOTE_TYPES = ("Note", "Article", "Question")
 
+#: Numeric Dramatiq actor options (counts and milliseconds) that ``Bot.job`` checks.
+_COUNT_OPTIONS = ("max_retries", "min_backoff", "max_backoff", "time_limit", "max_age")
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -287,6 +290,15 @@ class Bot:
         ``.send_with_options(args=..., delay=ms)`` on the result to enqueue.
         """
         actor_options.setdefault("queue_name", "default")
+        for option in _COUNT_OPTIONS:
+            value = actor_options.get(option)
+            if value is None:
+                continue
+            # Dramatiq takes any value here and fails later, in the worker's middleware.
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{option} must be a number, not {value!r:.100}")
+            if value < 0:
+                raise ValueError(f"{option} must not be negative: {value!r}")
 
         def decorate(f: Callable[P, R]) -> dramatiq.Actor[P, R]:
             return dramatiq.actor(broker=self.broker, **actor_options)(_callable(f))

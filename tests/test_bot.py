@@ -833,3 +833,21 @@ def test_direct_message_to_a_document_with_an_empty_inbox_loads_the_actor(bot: B
     bot.publish("psst", to=[{"id": REMOTE, "inbox": ""}])
     [job] = _queued(bot, "botkit.outbox")
     assert job.args[2] == f"{REMOTE}/inbox"
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"max_retries": "3"}, TypeError),  # Dramatiq accepts it and fails in the worker
+        ({"max_retries": True}, TypeError),
+        ({"min_backoff": 1.5e3j}, TypeError),
+        ({"max_retries": -1}, ValueError),
+        ({"time_limit": -5}, ValueError),
+    ],
+)
+def test_job_refuses_malformed_retry_options(
+    bot: Bot, options: dict[str, Any], error: type[Exception]
+) -> None:
+    name = next(iter(options))
+    with pytest.raises(error, match=name):
+        bot.job(**options)(lambda: None)
