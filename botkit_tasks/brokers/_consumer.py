@@ -274,27 +274,36 @@ class SqlConsumer(Consumer):
         messages are handed out again while they run.
         """
         m = self.broker.messages
-        for old in self.broker._take_orphans(self.queue_name):
+        orphans = self.broker._take_orphans(self.queue_name)
+        while orphans:
+            old = orphans[0]
             with old._lock:
                 ids = old._unacked - old._abandoned
-                with self._lock:
-                    self._unacked.update(ids)
-                old._adopter = self
             adopted: set[int] = set()
-            for chunk in _chunks(sorted(ids)):
-                adopted.update(
-                    conn.execute(
-                        m.update()
-                        .where(m.c.id.in_(chunk), m.c.state == CONSUMED)
-                        .where(m.c.worker_id == old.worker_id)
-                        .values(worker_id=self.worker_id)
-                        .returning(m.c.id)
+            try:
+                for chunk in _chunks(sorted(ids)):
+                    adopted.update(
+                        conn.execute(
+                            m.update()
+                            .where(m.c.id.in_(chunk), m.c.state == CONSUMED)
+                            .where(m.c.worker_id == old.worker_id)
+                            .values(worker_id=self.worker_id)
+                            .returning(m.c.id)
+                        )
+                        .scalars()
+                        .all()
                     )
-                    .scalars()
-                    .all()
-                )
-            if ids - adopted:
-                self._release(ids - adopted)
+            except BaseException:
+                for orphan in orphans:  # the next consumer tries again
+                    self.broker._add_orphan(orphan)
+                raise
+            with old._lock:
+                # Acks that came through the old consumer meanwhile are excluded;
+                # later ones are forwarded by its _release.
+                with self._lock:
+                    self._unacked.update(old._unacked & adopted)
+                old._adopter = self
+            orphans.pop(0)
 
     def _schedule_poll(self, conn: Connection) -> None:
         """Poll again at the next due time of a delayed row, or after poll_interval."""
