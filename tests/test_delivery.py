@@ -572,3 +572,18 @@ def test_fanout_job_with_malformed_arguments_fails_permanently(
         with pytest.raises(PermanentDeliveryError, match=match):
             fed.broker.join("botkit.fanout", timeout=20_000)
     assert running.delays == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_response_bytes": -1},
+        {"activity_ttl": -1},  # used to fail only at publish, after the note was stored
+        {"activity_ttl": 0},  # the body would expire before its deliveries ran
+        {"max_retries": "3"},
+    ],
+)
+def test_malformed_delivery_options_are_refused(options: dict[str, Any]) -> None:
+    name = next(iter(options))
+    with pytest.raises((TypeError, ValueError), match=name):
+        DeliveryOptions(**options)

@@ -160,6 +160,14 @@ class DeliveryOptions:
     clock: Callable[[], float] = time.time
 
     def __post_init__(self) -> None:
+        for name in ("max_retries", "unavailable_after_days", "max_response_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {value!r:.100}")
+        if self.max_response_bytes < 0:
+            raise ValueError(f"max_response_bytes must be >= 0: {self.max_response_bytes}")
+        if self.activity_ttl is not None and not self.activity_ttl > 0:
+            raise ValueError(f"activity_ttl must be positive or None: {self.activity_ttl!r}")
         if self.max_retries < 0 or self.unavailable_after_days < 1:
             raise ValueError("max_retries must be >= 0 and unavailable_after_days >= 1")
         if min(self.min_backoff, self.max_backoff) <= 0 or self.min_backoff > self.max_backoff:
