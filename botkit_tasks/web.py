@@ -94,9 +94,11 @@ def negotiate(accept: str | None, offered: tuple[str, ...]) -> str | None:
             name, _, value = param.partition("=")
             if name.strip().lower() == "q":
                 try:
-                    q = max(0.0, min(1.0, float(value)))
+                    q = float(value)
                 except ValueError:
                     q = 0.0
+                # NaN would pass the clamp as 1.0
+                q = max(0.0, min(1.0, q)) if q == q else 0.0
         matches: dict[str, int] = {}
         if mtype == "application/activity+json":
             matches = {_JSON: 3}

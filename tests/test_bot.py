@@ -851,3 +851,9 @@ def test_job_refuses_malformed_retry_options(
     name = next(iter(options))
     with pytest.raises(error, match=name):
         bot.job(**options)(lambda: None)
+
+
+def test_negotiate_treats_a_nan_quality_as_zero() -> None:
+    # float("nan") passed the 0..1 clamp as 1.0
+    assert negotiate("text/html;q=nan", ("json", "ld", "html")) is None
+    assert negotiate("text/html;q=nan, */*;q=0.1", ("json", "ld", "html")) == "json"
