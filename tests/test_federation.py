@@ -333,3 +333,10 @@ def test_options_of_the_wrong_type_are_refused(option: str, value: Any) -> None:
     with pytest.raises(TypeError, match=option):
         make(broker, **{option: value})
     assert not broker.actors  # nothing declared
+
+
+def test_base_url_with_a_percent_encoded_path_is_refused(broker: StubBroker) -> None:
+    # ASGI servers decode the path: "/sub%20dir/users/x" arrives as "/sub dir/users/x",
+    # so no request would ever reach the actor, its inbox or its followers.
+    with pytest.raises(ConfigurationError, match="percent"):
+        make(broker, base_url="https://bot.example/sub%20dir")

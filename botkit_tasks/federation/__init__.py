@@ -88,6 +88,11 @@ def _normalise_base_url(base_url: object, *, allow_private_addresses: bool) -> s
         raise ConfigurationError(
             f"base_url {parts.scheme}://…@{host} must not contain credentials (user:password@)"
         )
+    if "%" in parts.path:
+        # ASGI servers hand the app the decoded path: routes would never match.
+        raise ConfigurationError(
+            f"base_url {base_url!r} must not have percent-encoded characters in its path"
+        )
     if parts.query or parts.fragment or base_url.endswith(("?", "#")):
         raise ConfigurationError(f"base_url {base_url!r} must not have a query or fragment")
     # "https://bot.example/" and "https://bot.example" name the same site.
