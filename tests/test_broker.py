@@ -659,3 +659,50 @@ def test_notify_is_sent_again_after_a_rolled_back_savepoint(database_url: str) -
     finally:
         backend.cleanup()
         engine.dispose()
+
+
+def test_enqueue_many_keeps_order_and_copies_options_into_columns(sql_backend: Backend) -> None:
+    backend = sql_backend
+    broker = backend.make_broker()
+    q1, q2 = unique_name("q"), unique_name("q")
+
+    @dramatiq.actor(broker=broker, queue_name=q1)
+    def one(x: int) -> None:
+        pass
+
+    @dramatiq.actor(broker=broker, queue_name=q2)
+    def two(x: int) -> None:
+        pass
+
+    # Given a batch over two queues, some messages carrying retry state, binary-unfriendly bytes
+    messages = []
+    for i in range(50):
+        actor = one if i % 2 else two
+        message = actor.message(i)
+        if i % 5 == 0:
+            message = message.copy(options={"retries": i, "traceback": f"Traceback {i}\n\x01é"})
+        messages.append(message)
+    broker.enqueue_many(messages)
+    # Then every row is stored in batch order with its queue, actor and retry columns
+    m = broker.messages
+    with broker.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(m.c.message_id, m.c.queue_name, m.c.actor_name, m.c.retries, m.c.last_error)
+            .where(m.c.queue_name.in_([q1, q2]))
+            .order_by(m.c.id)
+        ).all()
+    assert [r.message_id for r in rows] == [msg.message_id for msg in messages]
+    for row, msg in zip(rows, messages, strict=True):
+        assert (row.queue_name, row.actor_name) == (msg.queue_name, msg.actor_name)
+        assert row.retries == msg.options.get("retries", 0)
+        assert row.last_error == msg.options.get("traceback")
+    # And the bytes decode back to the same messages
+    consumer = broker.consume(q1, prefetch=50, timeout=300)
+    try:
+        got = []
+        while (proxy := next(consumer)) is not None:
+            got.append(proxy.message_id)
+            consumer.ack(proxy)
+        assert got == [msg.message_id for msg in messages if msg.queue_name == q1]
+    finally:
+        consumer.close()

@@ -108,6 +108,14 @@ def _now_ms(engine: Engine) -> sa.ColumnElement[int]:
     return sa.cast((sa.func.julianday("now") - 2440587.5) * 86400000.0, sa.BigInteger)
 
 
+def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rows of one batch as one array per column (they share one delay)."""
+    names = ("message_id", "queue_name", "actor_name", "retries", "last_error", "data")
+    params: dict[str, Any] = {name: [row[name] for row in rows] for name in names}
+    params["delay_ms"] = rows[0]["delay_ms"]
+    return params
+
+
 def _bigint_id() -> sa.Column[int]:
     # SQLite only auto-increments an INTEGER PRIMARY KEY; AUTOINCREMENT (set on
     # the table) keeps deleted ids from being reused by a later delivery.
@@ -281,6 +289,22 @@ class SqlBroker(dramatiq.Broker):
             state=QUEUED,
         )
         self._notify = sa.select(sa.func.pg_notify(self.channel, sa.bindparam("queue")))
+        if self.is_postgres:
+            table = self.engine.dialect.identifier_preparer.format_table(m)
+            now_sql = "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
+            # WITH ORDINALITY + ORDER BY: ids follow the order of the batch (FIFO).
+            self._insert_unnest = (
+                f"INSERT INTO {table} (message_id, queue_name, actor_name, retries, "
+                "last_error, data, available_at, enqueued_at, state) "
+                "SELECT u.message_id, u.queue_name, u.actor_name, u.retries, u.last_error, "
+                f"u.data, {now_sql} + %(delay_ms)s, {now_sql}, 'queued' "
+                # %(…)b: psycopg sends these arrays in binary, no escaping.
+                "FROM unnest(%(message_id)b::varchar[], %(queue_name)b::varchar[], "
+                "%(actor_name)b::varchar[], %(retries)b::integer[], %(last_error)b::text[], "
+                "%(data)b::bytea[]) WITH ORDINALITY "
+                "AS u(message_id, queue_name, actor_name, retries, last_error, data, n) "
+                "ORDER BY u.n"
+            )
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         columns = ("message_id", "queue_name", "actor_name", "retries", "last_error", "data")
         inserted = (
@@ -472,7 +496,12 @@ class SqlBroker(dramatiq.Broker):
                     self._wake(queues)
                     return
                 with transaction(self.engine) as conn:
-                    conn.execute(self._insert, rows)
+                    if self.is_postgres and len(rows) > 1:
+                        # One statement over arrays: the server builds the rows,
+                        # instead of one pipelined INSERT per message.
+                        conn.exec_driver_sql(self._insert_unnest, _columns(rows))
+                    else:
+                        conn.execute(self._insert, rows)
                     self._notify_on(conn, queues)
                 return
             except sa.exc.DBAPIError as exc:
