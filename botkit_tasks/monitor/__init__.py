@@ -19,6 +19,7 @@ as ``delayed`` of its queue and a dead letter as ``dead``.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -135,27 +136,28 @@ class DeadLetter(_Record):
     died_at: datetime | None
 
 
-class Inspector:
+class Inspector(abc.ABC):
     """Read and repair one broker's queues; see :func:`inspect`."""
 
+    @abc.abstractmethod
     def queues(self) -> list[QueueStats]:
         """Counts for every known queue (declared or holding messages), by name."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def workers(self) -> list[WorkerInfo]:
         """Workers whose heartbeat is within the broker's heartbeat timeout."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def retrying(self, *, limit: int | None = None) -> list[RetryingMessage]:
         """Messages waiting for a retry, soonest ETA first (at most ``limit``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dead_letters(
         self, queue: str | None = None, *, limit: int | None = None
     ) -> list[DeadLetter]:
         """Dead letters, most recent first, of one queue or all (at most ``limit``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def requeue(self, message_ids: Iterable[str]) -> int:
         """Send the given dead letters back to their queue with retries reset.
 
@@ -165,11 +167,10 @@ class Inspector:
         Returns:
             How many dead letters were requeued.
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def purge_dead(self, queue: str | None = None) -> int:
         """Delete the dead letters of ``queue`` (all queues when ``None``); return how many."""
-        raise NotImplementedError
 
     def to_dict(self, *, limit: int = 100) -> dict[str, Any]:
         """A JSON-friendly snapshot: queues, workers, and up to ``limit`` retrying
