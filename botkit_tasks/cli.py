@@ -496,18 +496,12 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
     import dramatiq
     import uvicorn
 
+    from .config import BACKEND_VARIABLES
+
     # The bot module builds its own backends, usually with from_env(): pass the
     # command-line choices on through the environment it reads.
     if hasattr(args, "database_url") or hasattr(args, "redis_url"):
-        for name in (
-            "DATABASE_URL",
-            "REDIS_URL",
-            "REDIS_HOST",
-            "REDIS_PORT",
-            "REDIS_PASSWORD",
-            "REDIS_TLS",
-            "BOTKIT_BACKEND",
-        ):
+        for name in BACKEND_VARIABLES:
             os.environ.pop(name, None)
         if hasattr(args, "database_url"):
             os.environ["DATABASE_URL"] = args.database_url

@@ -76,6 +76,8 @@ _PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,30}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _REDIS_PARTS = ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_TLS")
+#: The variables that choose the backend (the CLI clears them before it sets its own).
+BACKEND_VARIABLES = ("DATABASE_URL", "REDIS_URL", "BOTKIT_BACKEND", *_REDIS_PARTS)
 _BACKEND_NAMES: dict[str, BackendKind] = {
     "postgres": "postgresql",
     "postgresql": "postgresql",
@@ -183,7 +185,7 @@ def from_urls(
         raise ConfigurationError("--database-url and --redis-url: give one, not both")
     env = dict(os.environ if environ is None else environ)
     if database_url is not None or redis_url is not None:
-        for name in ("DATABASE_URL", "REDIS_URL", "BOTKIT_BACKEND", *_REDIS_PARTS):
+        for name in BACKEND_VARIABLES:
             env.pop(name, None)
     if database_url is not None:
         env["DATABASE_URL"] = database_url

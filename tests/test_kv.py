@@ -70,11 +70,6 @@ def _open_backend(name: str, request: pytest.FixtureRequest) -> Iterator[Backend
         url = request.getfixturevalue("sqlite_url" if name == "sqlite" else "database_url")
         table = unique_name("kv_")
         engine = create_engine(url)
-        if name == "sqlite":
-            # Put the fresh file in WAL mode before any race: connections that
-            # switch a new file to WAL at the same moment can get "database is
-            # locked" from the PRAGMA itself (botkit_tasks._sql, reported).
-            engine.connect().close()
         # Stores built on this engine share it; the test's store is on a URL of its own.
         sql_store = SqlKvStore(url, table_name=table)
         yield Backend(
