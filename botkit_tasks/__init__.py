@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._sql import atomic
+from ._version import __version__ as __version__
 from .errors import BotkitError, ConfigurationError, StoreError
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ __all__ = [
     # Transactions
     "atomic",
 ]
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -154,7 +154,7 @@ class Bot:
         user_agent: str | None = None,
         set_global_broker: bool = True,
     ) -> None:
-        from . import __version__
+        from ._version import __version__
 
         for option, value in (("name", name), ("summary", summary), ("user_agent", user_agent)):
             if value is not None and not isinstance(value, str):

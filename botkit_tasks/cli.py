@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run, watch and repair the task queue of an ActivityPub bot.",
         parents=[backend],
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

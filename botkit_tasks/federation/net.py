@@ -29,7 +29,7 @@ import httpcore
 import httpx
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-from .. import __version__
+from .._version import __version__
 from ..errors import BotkitError
 from .signatures import SignatureError, sign_request
 
