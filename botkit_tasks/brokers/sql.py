@@ -76,6 +76,8 @@ from ._consumer import (
     _closed,
     _is_transient,
 )
+from ._pooler import pooler_engine_options, unprepare_connections
+from ._wakeup import SqliteWakeups
 
 # A private generator: jitter must not consume or reseed the application's
 # global random state (tests and users may seed it).
@@ -201,6 +203,12 @@ class SqlBroker(dramatiq.Broker):
             consumer's in-flight messages are handed out again.
         dead_message_ttl: Seconds a dead-lettered message is kept.
         create_tables: Create the tables (idempotently) in the constructor.
+        listen: PostgreSQL only.  ``False`` keeps no session state on any
+            connection, for transaction poolers such as PgBouncer in
+            ``transaction`` mode: no ``LISTEN``/``NOTIFY``, no session
+            settings or advisory locks, no server-side prepared statements.
+            Consumers in other processes then see a new message within
+            ``poll_interval`` (those of the enqueuing process at once).
     """
 
     def __init__(
@@ -213,6 +221,7 @@ class SqlBroker(dramatiq.Broker):
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         dead_message_ttl: float = DEFAULT_DEAD_MESSAGE_TTL,
         create_tables: bool = True,
+        listen: bool = True,
     ) -> None:
         if not _PREFIX_RE.match(table_prefix):
             raise ConfigurationError(
@@ -230,11 +239,17 @@ class SqlBroker(dramatiq.Broker):
             # consumer holds a connection (two per queue per process), so the
             # overflow is unbounded lest many queues starve the worker threads.
             engine = create_engine(
-                url_or_engine, pool_pre_ping=False, pool_size=10, max_overflow=-1
+                url_or_engine,
+                pool_pre_ping=False,
+                pool_size=10,
+                max_overflow=-1,
+                **pooler_engine_options(url_or_engine, listen),
             )
             self.engine, self._owns_engine = engine, True
         else:
             self.engine, self._owns_engine = resolve_engine(url_or_engine)
+            if not listen:
+                unprepare_connections(self.engine)
         if self.engine.dialect.name not in ("postgresql", "sqlite"):
             raise ConfigurationError(
                 f"SqlBroker supports PostgreSQL and SQLite, not {self.engine.dialect.name}"
@@ -247,6 +262,8 @@ class SqlBroker(dramatiq.Broker):
         self.metadata, self.messages, self.workers = _define_tables(table_prefix)
         self.channel = _channel_name(table_prefix)
         self.is_postgres = is_postgres(self.engine)
+        #: Whether consumers hold session state (LISTEN, settings); see ``listen``.
+        self.listen = listen or not self.is_postgres
         self._lock_key = _lock_key(table_prefix)
         self._lock = threading.Lock()
         self._waiters: dict[str, set[SqlConsumer]] = {}
@@ -257,6 +274,7 @@ class SqlBroker(dramatiq.Broker):
         self._listener: Any = None
         self._vacuum: Any = None
         self._inherited: list[Any] = []
+        self._wakeups = None if self.is_postgres else SqliteWakeups(self.engine, table_prefix)
         self._build_statements()
         if create_tables:
             self.create_tables()
@@ -389,6 +407,8 @@ class SqlBroker(dramatiq.Broker):
             except sa.exc.DBAPIError:
                 pass
             listener.stop()
+        if self._wakeups is not None:
+            self._wakeups.close()
         if self._owns_engine:
             self.engine.dispose()
 
@@ -402,6 +422,8 @@ class SqlBroker(dramatiq.Broker):
         """
         if self.is_postgres:
             self._ensure_listener()
+        elif self._wakeups is not None:
+            self._wakeups.ensure_receiving(self._wake_one)
         return SqlConsumer(self, queue_name, prefetch, timeout)
 
     def declare_queue(self, queue_name: str) -> None:
@@ -491,7 +513,7 @@ class SqlBroker(dramatiq.Broker):
                     # One message outside atomic(): one autocommitted statement
                     # that inserts and notifies, a single round trip.
                     with self._autocommit.connect() as conn:
-                        conn.execute(self._insert_notify, rows[0])
+                        conn.execute(self._insert_notify if self.listen else self._insert, rows[0])
                         conn.commit()
                     self._wake(queues)
                     return
@@ -521,7 +543,7 @@ class SqlBroker(dramatiq.Broker):
         ``local=False`` is for transactions not opened by :func:`transaction`,
         whose commit hooks never run; the caller then wakes this process itself.
         """
-        if self.is_postgres:
+        if self.is_postgres and self.listen:
             # Postgres folds identical notifications of one transaction into one,
             # but each pg_notify() is still a round trip: skip repeats.
             # Per savepoint: a rolled-back savepoint discards its NOTIFY, so
@@ -536,7 +558,7 @@ class SqlBroker(dramatiq.Broker):
                     conn.execute(self._notify, {"queue": queue})
                     seen[1].add(queue)
         if local:
-            on_commit(conn, lambda: self._wake(queues))
+            on_commit(conn, lambda: self._announce(queues))
 
     def flush(self, queue_name: str) -> None:
         """Delete every message of ``queue_name`` and its delay queue, dead ones included."""
@@ -675,18 +697,23 @@ class SqlBroker(dramatiq.Broker):
         from ._listen import PgListener, PgVacuum
 
         with self._lock:
-            listener = self._listener
-            if listener is not None and listener.pid != os.getpid():
-                # Inherited across fork(): the thread is gone and the socket is
-                # the parent's.  Keep a reference so it is never closed here.
-                self._inherited.append(listener)
-                listener = self._listener = self._vacuum = None
-            if listener is None:
-                listener = PgListener(self.engine, self.channel, self._wake_one, self._wake_all)
-                self._listener = listener
-                listener.start()
+            helpers = [h for h in (self._listener, self._vacuum) if h is not None]
+            if any(helper.pid != os.getpid() for helper in helpers):
+                # Inherited across fork(): the threads are gone and the sockets
+                # are the parent's.  Keep references so they are never closed here.
+                self._inherited.extend(helpers)
+                self._listener = self._vacuum = None
+            if self._vacuum is None:
+                if self.listen:
+                    self._listener = PgListener(
+                        self.engine, self.channel, self._wake_one, self._wake_all
+                    )
+                    self._listener.start()
                 self._vacuum = PgVacuum(
-                    self.engine, self.messages.name, _lock_key(f"{self.table_prefix}:vacuum")
+                    self.engine,
+                    self.messages.name,
+                    _lock_key(f"{self.table_prefix}:vacuum"),
+                    session_lock=self.listen,
                 )
                 self._vacuum.start()
 
@@ -710,6 +737,13 @@ class SqlBroker(dramatiq.Broker):
     def _wake(self, queues: Iterable[str]) -> None:
         for queue in queues:
             self._wake_one(queue)
+
+    def _announce(self, queues: Iterable[str]) -> None:
+        """Wake consumers of committed rows: here, and (SQLite) in other processes."""
+        queues = list(queues)
+        self._wake(queues)
+        if self._wakeups is not None:
+            self._wakeups.announce(queues)
 
     def _wake_one(self, queue: str) -> None:
         with self._lock:
@@ -844,4 +878,4 @@ class SqlBroker(dramatiq.Broker):
                 )
                 self._notify_on(conn, sorted(set(requeued)), local=False)
         if requeued:
-            self._wake(set(requeued))
+            self._announce(set(requeued))
