@@ -375,6 +375,11 @@ class SqlConsumer(Consumer):
         row_id = getattr(message, "row_id", None)
         if row_id is None:
             return
+        key = message.options.get("ordering_key")
+        if key is not None:  # its successor may run now: no grouping
+            self.broker._ordering.ack(row_id, key)
+            self._release((row_id,))
+            return
         self._release((row_id,))
         self.broker._add_ack(row_id)
 
@@ -387,6 +392,8 @@ class SqlConsumer(Consumer):
         options = message.options
         retries = options.get("retries", 0)
         traceback = options.get("traceback")
+        key = options.get("ordering_key")
+        promoted: list[str] = []
         try:
             with self.broker.engine.begin() as conn:
                 conn.execute(
@@ -401,10 +408,14 @@ class SqlConsumer(Consumer):
                         last_error=traceback if isinstance(traceback, str) else None,
                     )
                 )
+                if key is not None:  # a dead letter is no head: the next message runs
+                    promoted = self.broker._ordering.release_in(conn, [key])
         except sa.exc.DBAPIError as exc:
             if _is_transient(self.broker.engine, exc):
                 raise _closed(exc) from exc
             raise
+        if promoted:
+            self.broker._announce(promoted)
         self._release((row_id,))
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:

@@ -76,8 +76,10 @@ from ._consumer import (
     _closed,
     _is_transient,
 )
+from ._ordering import WAITING, SqlOrdering, add_ordering_columns, ensure_ordering_schema
 from ._pooler import pooler_engine_options, unprepare_connections
 from ._wakeup import SqliteWakeups
+from .ordering import check_ordering_key
 
 # A private generator: jitter must not consume or reseed the application's
 # global random state (tests and users may seed it).
@@ -146,6 +148,7 @@ def _define_tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("data", sa.LargeBinary, nullable=False),
         sqlite_autoincrement=True,
     )
+    add_ordering_columns(messages, prefix)
     queued = messages.c.state == QUEUED
     sa.Index(
         f"{prefix}messages_ready_idx",
@@ -276,6 +279,7 @@ class SqlBroker(dramatiq.Broker):
         self._inherited: list[Any] = []
         self._wakeups = None if self.is_postgres else SqliteWakeups(self.engine, table_prefix)
         self._build_statements()
+        self._ordering = SqlOrdering(self)
         if create_tables:
             self.create_tables()
 
@@ -291,6 +295,7 @@ class SqlBroker(dramatiq.Broker):
             if self.is_postgres:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(self._lock_key)))
             self.metadata.create_all(conn, checkfirst=True)
+            ensure_ordering_schema(conn, self.messages)
 
     def drop_tables(self) -> None:
         """Drop the broker's tables (tests and uninstall)."""
@@ -496,6 +501,7 @@ class SqlBroker(dramatiq.Broker):
                     "last_error": traceback if isinstance(traceback, str) else None,
                     "data": message.encode(),
                     "delay_ms": max(int(delay or 0), 0),
+                    "ordering_key": check_ordering_key(options.get("ordering_key")),
                 }
             )
         if rows:
@@ -506,24 +512,34 @@ class SqlBroker(dramatiq.Broker):
 
     def _write_with_retry(self, rows: list[dict[str, Any]]) -> None:
         queues = sorted({row["queue_name"] for row in rows})
+        keyed = [row for row in rows if row["ordering_key"] is not None]
+        # Unkeyed rows keep the statements' own column list (no ordering_key).
+        plain = [
+            {k: v for k, v in row.items() if k != "ordering_key"}
+            for row in rows
+            if row["ordering_key"] is None
+        ]
         attempt = 0
         while True:
             try:
-                if self.is_postgres and len(rows) == 1 and ambient_connection(self.engine) is None:
+                single = len(plain) == 1 and not keyed
+                if self.is_postgres and single and ambient_connection(self.engine) is None:
                     # One message outside atomic(): one autocommitted statement
                     # that inserts and notifies, a single round trip.
                     with self._autocommit.connect() as conn:
-                        conn.execute(self._insert_notify if self.listen else self._insert, rows[0])
+                        conn.execute(self._insert_notify if self.listen else self._insert, plain[0])
                         conn.commit()
                     self._wake(queues)
                     return
                 with transaction(self.engine) as conn:
-                    if self.is_postgres and len(rows) > 1:
+                    if self.is_postgres and len(plain) > 1:
                         # One statement over arrays: the server builds the rows,
                         # instead of one pipelined INSERT per message.
-                        conn.exec_driver_sql(self._insert_unnest, _columns(rows))
-                    else:
-                        conn.execute(self._insert, rows)
+                        conn.exec_driver_sql(self._insert_unnest, _columns(plain))
+                    elif plain:
+                        conn.execute(self._insert, plain)
+                    if keyed:
+                        self._ordering.insert(conn, keyed)
                     self._notify_on(conn, queues)
                 return
             except sa.exc.DBAPIError as exc:
@@ -588,7 +604,7 @@ class SqlBroker(dramatiq.Broker):
         count = (
             sa.select(sa.func.count())
             .select_from(m)
-            .where(m.c.queue_name.in_(names), m.c.state.in_((QUEUED, CONSUMED)))
+            .where(m.c.queue_name.in_(names), m.c.state.in_((QUEUED, CONSUMED, WAITING)))
         )
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while True:
@@ -689,6 +705,9 @@ class SqlBroker(dramatiq.Broker):
             if params:
                 conn.execute(update, params)
                 self._notify_on(conn, [canonical])
+                promoted = self._ordering.requeued(conn, [p["row_id"] for p in params])
+                if promoted:
+                    on_commit(conn, lambda: self._announce(promoted))
         return len(params)
 
     # -- wake-ups ----------------------------------------------------------------
@@ -865,6 +884,7 @@ class SqlBroker(dramatiq.Broker):
                 .all()
             )
             conn.execute(w.delete().where(w.c.heartbeat_at < cutoff))
+            released = self._ordering.sweep(conn)
             conn.execute(
                 m.delete().where(
                     m.c.state == DEAD,
@@ -877,5 +897,5 @@ class SqlBroker(dramatiq.Broker):
                     len(requeued),
                 )
                 self._notify_on(conn, sorted(set(requeued)), local=False)
-        if requeued:
-            self._announce(set(requeued))
+        if requeued or released:
+            self._announce(set(requeued) | set(released))
