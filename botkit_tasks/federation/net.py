@@ -15,7 +15,6 @@ authorized-fetch mode requires) with Mastodon's limits: connect 5 s, read 10 s,
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 import threading
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from .._version import __version__
 from ..errors import BotkitError
+from .addresses import UnsafeDestinationError, check_address, check_host_spelling
 from .signatures import SignatureError, sign_request
 
 __all__ = [
@@ -67,10 +67,6 @@ DEFAULT_USER_AGENT = f"botkit-tasks/{__version__}"
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
-class UnsafeDestinationError(BotkitError):
-    """A URL is refused: not https, or its host resolves to a non-public address."""
-
-
 class FetchError(BotkitError):
     """A fetch failed: network error, timeout, HTTP error status, oversized or non-JSON body.
 
@@ -88,35 +84,6 @@ class FetchError(BotkitError):
 # ---------------------------------------------------------------- SSRF checks
 
 
-def check_address(address: str) -> None:
-    """Refuse an IP address that is not a public unicast address.
-
-    Private, loopback, link-local, multicast, reserved, unspecified and
-    shared (CGNAT) ranges are refused, as are IPv4-mapped/compatible IPv6
-    forms of them (``::ffff:127.0.0.1``).
-
-    Raises:
-        UnsafeDestinationError: The address is not public (or not an address).
-    """
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    except ValueError as exc:
-        raise UnsafeDestinationError(f"{address!r} is not an IP address") from exc
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-        # is_global also excludes 100.64.0.0/10 and other special-purpose ranges.
-        or not ip.is_global
-    ):
-        raise UnsafeDestinationError(f"{ip} is not a public address")
-
-
 def _resolve(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -129,6 +96,7 @@ def _resolve(host: str, port: int) -> list[str]:
 
 
 def _checked_addresses(host: str, port: int) -> list[str]:
+    check_host_spelling(host)
     addresses = _resolve(host, port)
     # Refuse if ANY address is private: a client may pick any of them.
     for address in addresses:
