@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -178,7 +179,9 @@ class _GuardedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def guarded_transport(*, allow_private_addresses: bool) -> httpx.HTTPTransport:
+def guarded_transport(
+    *, allow_private_addresses: bool, ssl_context: ssl.SSLContext | None = None
+) -> httpx.HTTPTransport:
     """An httpx transport that refuses non-public addresses at connect time.
 
     With ``allow_private_addresses=True`` it is a plain ``httpx.HTTPTransport``.
@@ -189,13 +192,23 @@ def guarded_transport(*, allow_private_addresses: bool) -> httpx.HTTPTransport:
     Connections to a refused address raise :class:`UnsafeDestinationError`
     (not an ``httpx`` error).  Proxies from the environment are not used by
     such a client (the check would otherwise apply to the proxy).
+
+    TLS is verified against the URL's host name (SNI and certificate) although
+    the socket goes to the address that was checked.
+
+    Args:
+        allow_private_addresses: Permit any address (tests, loopback demos).
+        ssl_context: How servers are verified (e.g. a private CA); default:
+            httpx's (the ``certifi`` roots).  A failed verification is an
+            ``httpx.ConnectError``, sent before any byte of the request.
     """
-    transport = httpx.HTTPTransport(retries=0)
+    context = ssl_context if ssl_context is not None else httpx.create_ssl_context()
+    transport = httpx.HTTPTransport(retries=0, verify=context)
     if not allow_private_addresses:
         # httpx has no public hook for the network backend, so the pool is
-        # rebuilt with httpx's own TLS defaults and the guarded backend.
+        # rebuilt with the same TLS context and the guarded backend.
         transport._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=context,
             network_backend=_GuardedBackend(),
         )
     return transport
