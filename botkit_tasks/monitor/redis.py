@@ -28,15 +28,15 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name, q_name, xq_name
 
-from . import (
+from .base import (
     DeadLetter,
     Inspector,
     QueueStats,
     RetryingMessage,
     WorkerInfo,
-    _at_ms,
-    _from_ms,
-    _requeue_copy,
+    at_ms,
+    from_ms,
+    requeue_copy,
 )
 from .middleware import WORKERS_KEY
 
@@ -144,7 +144,7 @@ class RedisInspector(Inspector):
                         pipe.scard(key)
                     in_flight = sum(int(n) for n in pipe.execute())
             workers.append(
-                WorkerInfo(id=worker_id, last_heartbeat=_at_ms(score), in_flight=in_flight)
+                WorkerInfo(id=worker_id, last_heartbeat=at_ms(score), in_flight=in_flight)
             )
         return sorted(workers, key=lambda w: w.id)
 
@@ -184,7 +184,7 @@ class RedisInspector(Inspector):
                         queue=name,
                         actor=message.actor_name,
                         retries=int(message.options["retries"]),
-                        eta=_from_ms(eta) if isinstance(eta, (int, float)) else None,
+                        eta=from_ms(eta) if isinstance(eta, (int, float)) else None,
                         last_error=message.options.get("traceback"),
                     )
                 )
@@ -219,7 +219,7 @@ class RedisInspector(Inspector):
             # The newest `limit` of each queue include the newest `limit` overall.
             for redis_id, score, message in self._dead_entries(name, limit):
                 if message is None:
-                    letters.append(DeadLetter(redis_id, name, "", (), {}, 0, None, _from_ms(score)))
+                    letters.append(DeadLetter(redis_id, name, "", (), {}, 0, None, from_ms(score)))
                     continue
                 letters.append(
                     DeadLetter(
@@ -230,7 +230,7 @@ class RedisInspector(Inspector):
                         kwargs=dict(message.kwargs),
                         retries=int(message.options.get("retries", 0)),
                         traceback=message.options.get("traceback"),
-                        died_at=_from_ms(score),
+                        died_at=from_ms(score),
                     )
                 )
         letters.sort(key=lambda d: d.died_at.timestamp() if d.died_at else 0.0, reverse=True)
@@ -248,7 +248,7 @@ class RedisInspector(Inspector):
                     continue
                 # ZREM succeeds for one caller only, so a racing requeue cannot double it.
                 if self.client.zrem(xq, redis_id):
-                    self.broker.enqueue(_requeue_copy(message))
+                    self.broker.enqueue(requeue_copy(message))
                     self.client.hdel(f"{xq}.msgs", redis_id)
                     count += 1
         return count
