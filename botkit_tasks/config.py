@@ -322,6 +322,7 @@ def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
         raise ConfigurationError(f"{variable}: an in-memory SQLite database cannot hold a queue")
     from .brokers.sql import SqlBroker
     from .kv.sql import SqlKvStore
+    from .monitor.middleware import MonitorMiddleware
 
     prefix = prefix or DEFAULT_PREFIX
     try:
@@ -333,6 +334,7 @@ def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
     try:
         kv = SqlKvStore(engine, table_name=f"{prefix}_kv")
         broker = SqlBroker(engine, table_prefix=f"{prefix}_")
+        broker.add_middleware(MonitorMiddleware())
     except BaseException as exc:
         engine.dispose()
         cause = getattr(exc, "orig", None) or exc.__cause__ or exc
@@ -355,6 +357,7 @@ def _redis_backends(url: str, prefix: str | None) -> Backends:
     from dramatiq.brokers.redis import RedisBroker
 
     from .kv.redis import RedisKvStore
+    from .monitor.middleware import MonitorMiddleware
 
     try:
         kv = RedisKvStore(url, key_prefix=f"{prefix or DEFAULT_PREFIX}:")
@@ -364,6 +367,7 @@ def _redis_backends(url: str, prefix: str | None) -> Backends:
         raise ConfigurationError(f"REDIS_URL: {exc} ({_redact(url)!r})") from exc
     try:
         broker = RedisBroker(url=url, namespace=prefix or "dramatiq")  # type: ignore[no-untyped-call]
+        broker.add_middleware(MonitorMiddleware())
     except BaseException:
         kv.close()
         raise
