@@ -46,6 +46,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _Response = tuple[int, list[tuple[str, str]], bytes]
 
 _MAX_FORM = 64 * 1024
+_MUTATIONS = ("/dead/requeue", "/dead/purge", "/hosts/clear")
 _STATIC = {"dashboard.css": "text/css; charset=utf-8", "live.js": "text/javascript; charset=utf-8"}
 _SECURITY_HEADERS = [
     (
@@ -192,8 +193,10 @@ class DashboardApp:
                 return 200, [("content-type", "image/svg+xml")], snap.chart().encode()
             if path == "/metrics":
                 return await anyio.to_thread.run_sync(self._metrics_text)
+            if path in _MUTATIONS:
+                return 405, [("allow", "POST"), *_text(405, "use POST")[1]], b"use POST\n"
             return _text(404, "not found")
-        if method == "POST" and path in ("/dead/requeue", "/dead/purge", "/hosts/clear"):
+        if method == "POST" and path in _MUTATIONS:
             form = await _read_form(receive)
             if form is None:
                 return _text(413, "form too large")
