@@ -81,20 +81,31 @@ def backend(request: pytest.FixtureRequest, kind: str, tmp_path: Any) -> Iterato
         engine.dispose()
 
 
-def message(queue: str, n: int, **options: Any) -> dramatiq.Message[Any]:
+def message(queue: str, n: Any, *, actor: str = "job", **options: Any) -> dramatiq.Message[Any]:
     return dramatiq.Message(
-        queue_name=queue, actor_name="job", args=(n,), kwargs={"tag": "x"}, options=options
+        queue_name=queue, actor_name=actor, args=(n,), kwargs={"tag": "x"}, options=options
     )
 
 
-def populate(broker: dramatiq.Broker, queue: str, *, dead: int = 2) -> list[str]:
+def populate(
+    broker: dramatiq.Broker,
+    queue: str,
+    *,
+    dead: int = 2,
+    actor: str = "job",
+    errors: list[str] | None = None,
+) -> list[str]:
     """``dead`` dead letters, 3 ready, 1 delayed and 1 retrying message on ``queue``.
 
+    ``errors`` are the dead letters' tracebacks (``TRACEBACK`` for each by default).
     Returns the dead letters' message ids.
     """
     broker.declare_queue(queue)
+    errors = errors or [TRACEBACK] * dead
     doomed = [
-        broker.enqueue(message(queue, n, retries=1, traceback=TRACEBACK)).message_id
+        broker.enqueue(
+            message(queue, n, actor=actor, retries=1, traceback=errors[n % len(errors)])
+        ).message_id
         for n in range(dead)
     ]
     consumer = broker.consume(queue, prefetch=dead, timeout=200)
@@ -112,9 +123,9 @@ def populate(broker: dramatiq.Broker, queue: str, *, dead: int = 2) -> list[str]
     finally:
         consumer.close()
     for n in range(3):
-        broker.enqueue(message(queue, 100 + n))
-    broker.enqueue(message(queue, 200), delay=600_000)
-    broker.enqueue(message(queue, 300, retries=2, traceback=TRACEBACK), delay=900_000)
+        broker.enqueue(message(queue, 100 + n, actor=actor))
+    broker.enqueue(message(queue, 200, actor=actor), delay=600_000)
+    broker.enqueue(message(queue, 300, actor=actor, retries=2, traceback=errors[0]), delay=900_000)
     return doomed
 
 

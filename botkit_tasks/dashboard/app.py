@@ -55,7 +55,9 @@ _SECURITY_HEADERS = [
         "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
     ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
+    # Not "no-referrer": with it, browsers send "Origin: null" on form POSTs,
+    # which the CSRF check rightly refuses.
+    ("referrer-policy", "same-origin"),
     ("cache-control", "no-store"),
 ]
 _NOTICES = {
