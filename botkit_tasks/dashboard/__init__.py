@@ -71,6 +71,7 @@ def app(
 
     Raises:
         TypeError: for a broker :func:`botkit_tasks.monitor.inspect` does not support.
-        ValueError: for a short token, a negative ``refresh`` or a ``limit`` below 1.
+        ConfigurationError: (a ``ValueError``) for a short token, a negative
+            ``refresh`` or a ``limit`` below 1.
     """
     return DashboardApp(broker, kv, token=token, title=title, refresh=refresh, limit=limit)

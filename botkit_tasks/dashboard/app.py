@@ -30,6 +30,7 @@ import anyio.to_thread
 import dramatiq
 import jinja2
 
+from ..errors import ConfigurationError
 from ..federation.delivery import reset_host
 from ..kv.base import KvStore
 from ..monitor import inspect
@@ -125,9 +126,9 @@ class DashboardApp:
         limit: int = 50,
     ) -> None:
         if refresh < 0:
-            raise ValueError(f"refresh must be >= 0 seconds, not {refresh!r}")
+            raise ConfigurationError(f"refresh must be >= 0 seconds, not {refresh!r}")
         if limit < 1:
-            raise ValueError(f"limit must be >= 1, not {limit!r}")
+            raise ConfigurationError(f"limit must be >= 1, not {limit!r}")
         self.broker = broker
         self.kv = kv
         self.inspector = inspect(broker)

@@ -20,6 +20,8 @@ import secrets
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+from ..errors import ConfigurationError
+
 __all__ = ["COOKIE", "Guard", "is_loopback"]
 
 #: The session cookie's name.
@@ -58,7 +60,9 @@ class Guard:
 
     def __init__(self, token: str | None, *, secret: bytes | None = None) -> None:
         if token is not None and (not isinstance(token, str) or len(token) < 8):
-            raise ValueError("the dashboard token must be a string of at least 8 characters")
+            raise ConfigurationError(
+                "the dashboard token must be a string of at least 8 characters"
+            )
         self.token = token
         if secret is None:
             secret = (
