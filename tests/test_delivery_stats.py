@@ -173,3 +173,41 @@ class _Broken(KvStore):
 
     def close(self) -> None:
         pass
+
+
+def test_every_delivery_attempt_is_counted_for_its_host(tmp_path: Any) -> None:
+    from _http_server import Reply, ScriptedServer
+    from dramatiq.brokers.stub import StubBroker
+
+    from botkit_tasks.federation import Federation
+    from botkit_tasks.federation.delivery import DeliveryOptions, host_of, perform_delivery
+    from botkit_tasks.kv.sql import SqlKvStore
+
+    kv = SqlKvStore(f"sqlite:///{tmp_path}/kv.sqlite3")
+    fed = Federation(
+        kv=kv,
+        broker=StubBroker(),
+        base_url="http://127.0.0.1:1",
+        username="bot",
+        allow_private_addresses=True,
+        delivery_options=DeliveryOptions(read_timeout=0.5, total_timeout=2.0),
+    )
+    body = b'{"type":"Create","id":"http://127.0.0.1/activities/1"}'
+    try:
+        with ScriptedServer() as server:
+            # Given an inbox answering 202, 202, 503, 400 and then 410
+            url = server.url("/inbox")
+            for status in (202, 202, 503, 400, 410):
+                server.script("/inbox", Reply(status))
+                perform_delivery(fed, url, body)
+        # Then, once the process's recorder has written, each attempt is counted
+        stats.recorder_for(kv).flush()
+        (counted,) = stats.host_counts(kv)
+        assert counted.host == host_of(url)
+        assert counted.counts == {"delivered": 2, "retry": 1, "permanent": 1, "gone": 1}
+        assert (
+            stats.timeline(kv)[-1].counts == counted.counts
+            or sum(m.failed for m in stats.timeline(kv)[-2:]) == 3
+        )  # the attempts may straddle a minute boundary
+    finally:
+        kv.close()
