@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 import weakref
@@ -264,6 +265,18 @@ class DeliveryStats:
 
 _recorders: weakref.WeakKeyDictionary[KvStore, DeliveryStats] = weakref.WeakKeyDictionary()
 _recorders_lock = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    # A forked worker (the ``dramatiq`` command forks) inherits recorders whose
+    # timer threads did not survive the fork: start afresh, the parent writes its own.
+    global _recorders_lock
+    _recorders.clear()
+    _recorders_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def recorder_for(kv: KvStore) -> DeliveryStats:
