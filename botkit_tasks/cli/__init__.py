@@ -7,6 +7,7 @@
     botkit-tasks status [--json]           queues, workers, retries and dead letters
     botkit-tasks dead list|show|requeue|purge
     botkit-tasks migrate                   create the key-value and broker tables
+    botkit-tasks dashboard [--host --port --token]   web dashboard and Prometheus /metrics
 
 Backends come from ``--database-url`` / ``--redis-url`` / ``--prefix`` when
 given, else from the environment exactly as :func:`botkit_tasks.config.from_env`
@@ -30,6 +31,7 @@ from .common import (
     CommandError,
     backends_from_args,
 )
+from .dashboard import dashboard_command
 from .dead import dead_command
 from .migrate import migrate_command
 from .parser import build_parser
@@ -80,6 +82,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
                 return dead_command(backends, args, out)
             if args.command == "migrate":
                 return migrate_command(backends, out)
+            if args.command == "dashboard":
+                return dashboard_command(backends, args, out)
         finally:
             backends.close()
     except KeyboardInterrupt:

@@ -119,6 +119,31 @@ def build_parser() -> argparse.ArgumentParser:
     dead_purge = dead_commands.add_parser("purge", parents=[backend], help="delete dead letters")
     dead_purge.add_argument("--queue", help="only this queue")
 
+    from ..dashboard.server import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV
+
+    dashboard = commands.add_parser(
+        "dashboard",
+        parents=[backend],
+        help="web dashboard and Prometheus /metrics for queues, dead letters and remote hosts",
+        description=(
+            "Serve the operator dashboard: queues, workers, retries, dead letters (requeue, "
+            "purge), remote hosts and the deliveries of the last hour, plus /metrics. It "
+            f"listens on {DEFAULT_HOST} unless --host says otherwise; any other address "
+            f"needs a token (--token or {TOKEN_ENV})."
+        ),
+    )
+    dashboard.add_argument("--host", default=DEFAULT_HOST, help=f"address (default {DEFAULT_HOST})")
+    dashboard.add_argument(
+        "--port", type=_positive_int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})"
+    )
+    dashboard.add_argument(
+        "--token", default=None, help=f"access token, at least 8 characters (default ${TOKEN_ENV})"
+    )
+    dashboard.add_argument(
+        "--refresh", type=float, default=5.0, help="seconds between live updates (0: off)"
+    )
+    dashboard.add_argument("--title", default="botkit-tasks", help="the page's heading")
+
     commands.add_parser(
         "migrate",
         parents=[backend],

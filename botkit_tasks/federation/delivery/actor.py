@@ -21,6 +21,7 @@ from botkit_tasks.federation._registry import lookup
 from botkit_tasks.federation.base import FederationLike
 from botkit_tasks.kv.base import KvKey
 
+from .. import stats
 from .attempt import DEFAULT_USER_AGENT, deliver_once, new_client
 from .hosts import host_of, is_host_available, record_host_failure, record_host_success
 from .options import DeliveryOptions
@@ -64,9 +65,11 @@ def perform_delivery(
 ) -> DeliveryResult:
     """One delivery attempt with its side effects, but without Dramatiq.
 
-    Sends with :func:`deliver_once`, then clears the host's failure record on
-    success, records a failure day on ``RETRY``, and on ``GONE`` drops the
-    followers behind the inbox and calls ``DeliveryOptions.on_gone``.
+    Sends with :func:`deliver_once`, counts the outcome in the delivery
+    statistics (:mod:`botkit_tasks.federation.stats`), then clears the host's
+    failure record on success, records a failure day on ``RETRY``, and on
+    ``GONE`` drops the followers behind the inbox and calls
+    ``DeliveryOptions.on_gone``.
     ``PERMANENT`` leaves the tracker alone (the host answered; Mastodon does
     the same).  ``client`` is reused when given (the actor passes its pooled
     one); otherwise a short-lived client is used.
@@ -84,6 +87,7 @@ def perform_delivery(
         user_agent=getattr(federation, "user_agent", None) or DEFAULT_USER_AGENT,
     )
     host = host_of(inbox_url)
+    stats.record(federation.kv, host, result.outcome.value)
     if result.outcome is Outcome.DELIVERED:
         record_host_success(federation.kv, host)
     elif result.outcome is Outcome.RETRY:
