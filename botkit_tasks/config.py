@@ -342,6 +342,7 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
         raise ConfigurationError(f"{variable}: an in-memory SQLite database cannot hold a queue")
     from .brokers.sql import SqlBroker
     from .kv.sql import SqlKvStore
+    from .monitor.middleware import MonitorMiddleware
 
     prefix = prefix or DEFAULT_PREFIX
     # Behind a transaction pooler the next transaction may run on another server
@@ -356,6 +357,7 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
     try:
         kv = SqlKvStore(engine, table_name=f"{prefix}_kv")
         broker = SqlBroker(engine, table_prefix=f"{prefix}_", listen=listen)
+        broker.add_middleware(MonitorMiddleware())
     except BaseException as exc:
         engine.dispose()
         cause = getattr(exc, "orig", None) or exc.__cause__ or exc
@@ -378,6 +380,7 @@ def _redis_backends(url: str, prefix: str | None) -> Backends:
     from dramatiq.brokers.redis import RedisBroker
 
     from .kv.redis import RedisKvStore
+    from .monitor.middleware import MonitorMiddleware
 
     try:
         kv = RedisKvStore(url, key_prefix=f"{prefix or DEFAULT_PREFIX}:")
@@ -387,6 +390,7 @@ def _redis_backends(url: str, prefix: str | None) -> Backends:
         raise ConfigurationError(f"REDIS_URL: {exc} ({_redact(url)!r})") from exc
     try:
         broker = RedisBroker(url=url, namespace=prefix or "dramatiq")  # type: ignore[no-untyped-call]
+        broker.add_middleware(MonitorMiddleware())
     except BaseException:
         kv.close()
         raise

@@ -12,6 +12,7 @@ from conftest import unique_name
 
 from botkit_tasks.config import Backends, from_env, from_urls
 from botkit_tasks.errors import ConfigurationError
+from botkit_tasks.monitor.middleware import MonitorMiddleware
 
 
 @pytest.fixture
@@ -96,6 +97,8 @@ def test_database_url_sqlite(tmp_path: Path, opened: list[Backends]) -> None:
     opened.append(b)
     assert b.kind == "sqlite"
     assert b.kv.engine is b.broker.engine  # type: ignore[attr-defined]
+    # Workers record tracebacks of every failed attempt for the monitor
+    assert any(isinstance(m, MonitorMiddleware) for m in b.broker.middleware)
 
 
 # --- PostgreSQL --------------------------------------------------------------------------
@@ -186,6 +189,8 @@ def test_redis_url(redis_url: str, opened: list[Backends]) -> None:
     assert b.kind == "redis"
     assert isinstance(b.kv, RedisKvStore) and isinstance(b.broker, RedisBroker)
     assert b.broker.namespace == prefix
+    # Workers register themselves and keep their final dead letters for the monitor
+    assert any(isinstance(m, MonitorMiddleware) for m in b.broker.middleware)
     b.kv.set(("k",), [1, 2])
     try:
         assert b.kv.get(("k",)) == [1, 2]

@@ -75,7 +75,7 @@ def test_worker_in_another_process_wakes_at_once_and_polls_when_datagrams_are_lo
             table = wakeups_table(prefix)
             with producer.engine.begin() as conn:
                 conn.execute(table.delete())
-            producer._wakeups.sender.forget_ports()  # type: ignore[union-attr]
+            producer.hub.wakeups.sender.forget_ports()  # type: ignore[union-attr]
             producer.enqueue(ping(queue))
 
             # Then the message still runs, at the worker's next poll (within 30 s)

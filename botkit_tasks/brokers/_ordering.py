@@ -29,37 +29,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from .._sql import transaction
-from ._consumer import CONSUMED, QUEUED, _closed, _is_transient
-from .ordering import MAX_KEY_LENGTH
+from ._dberrors import closed, is_transient
+from ._hub import Hub
+from ._schema import CONSUMED, QUEUED, WAITING, Statements
 
-if TYPE_CHECKING:
-    from .sql import SqlBroker
-
-#: A keyed message that is not its key's head; claims never see these rows.
-WAITING: sa.ColumnElement[str] = sa.literal_column("'waiting'")
-
-
-def add_ordering_columns(messages: sa.Table, prefix: str) -> None:
-    """Add ``ordering_key``, ``ordering_seq`` and their index to the messages table."""
-    messages.append_column(sa.Column("ordering_key", sa.String(MAX_KEY_LENGTH)))
-    messages.append_column(sa.Column("ordering_seq", sa.BigInteger))
-    keyed = messages.c.ordering_key.isnot(None)
-    sa.Index(
-        f"{prefix}messages_order_idx",
-        messages.c.ordering_key,
-        messages.c.state,
-        messages.c.ordering_seq,
-        messages.c.id,
-        postgresql_where=keyed,
-        sqlite_where=keyed,
-    )
+__all__ = ["SqlOrdering", "ensure_ordering_schema"]
 
 
 def ensure_ordering_schema(conn: Connection, messages: sa.Table) -> None:
@@ -85,12 +66,17 @@ def _lock_id(prefix: str, key: str) -> int:
 
 
 class SqlOrdering:
-    """The ordering-key statements of one broker (see the module docstring)."""
+    """The ordering-key statements and hooks of one broker (see the module docstring)."""
 
-    def __init__(self, broker: SqlBroker) -> None:
-        self.broker = broker
-        m = broker.messages
-        now = broker._now
+    def __init__(
+        self, engine: Engine, messages: sa.Table, statements: Statements, hub: Hub[Any], prefix: str
+    ) -> None:
+        self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+        self.hub = hub
+        self.prefix = prefix
+        m = messages
+        now = statements.now
         o, w, h = m.alias("o"), m.alias("w"), m.alias("h")
         first_seq = (
             sa.select(sa.func.min(o.c.ordering_seq))
@@ -163,9 +149,9 @@ class SqlOrdering:
     def lock(self, conn: Connection, keys: Iterable[str]) -> list[str]:
         """Lock ``keys`` for the rest of the transaction; returns them sorted, unique."""
         unique = sorted(set(keys))
-        if self.broker.is_postgres and unique:
-            prefix = self.broker.table_prefix
-            conn.execute(self._lock_many, {"locks": [_lock_id(prefix, k) for k in unique]})
+        if self.postgres and unique:
+            locks = [_lock_id(self.prefix, k) for k in unique]
+            conn.execute(self._lock_many, {"locks": locks})
         return unique
 
     def release(self, conn: Connection, keys: Iterable[str]) -> list[str]:
@@ -186,7 +172,7 @@ class SqlOrdering:
         """
         queues = self.release(conn, self.lock(conn, keys))
         if queues:
-            self.broker._notify_on(conn, sorted(set(queues)), local=False)
+            self.hub.notify_on(conn, sorted(set(queues)), local=False)
         return queues
 
     # -- the broker's hooks ---------------------------------------------------
@@ -204,26 +190,36 @@ class SqlOrdering:
         conn.execute(self._number, {"keys": keys})
         queues = self.release(conn, keys)
         if queues:
-            self.broker._notify_on(conn, sorted(set(queues)))
+            self.hub.notify_on(conn, sorted(set(queues)))
 
-    def ack(self, row_id: int, key: str) -> None:
-        """Delete an acked keyed row and hand its key to the next message, at once.
+    def ack(self, row_id: int, key: str | None) -> None:
+        """Record an ack: grouped by the hub when unkeyed, else deleted at once.
 
-        Not grouped with other acks: the successor must not wait for a flush.
+        A keyed row is deleted in a transaction of its own that hands its key
+        to the next message: the successor must not wait for a grouped flush.
         """
-        broker = self.broker
+        if key is None:
+            self.hub.add_ack(row_id)
+            return
+        self._locked_release(key, delete=row_id)
+
+    def dead_lettered(self, key: str) -> None:
+        """Hand ``key`` on after its head became a dead letter."""
+        self._locked_release(key, delete=None)
+
+    def _locked_release(self, key: str, *, delete: int | None) -> None:
         try:
-            with transaction(broker.engine) as conn:
-                if broker.is_postgres:
-                    lock = _lock_id(broker.table_prefix, key)
-                    conn.execute(self._lock_one_async, {"lock": lock})
-                conn.execute(self._delete, {"row_id": row_id})
+            with transaction(self.engine) as conn:
+                if self.postgres:
+                    conn.execute(self._lock_one_async, {"lock": _lock_id(self.prefix, key)})
+                if delete is not None:
+                    conn.execute(self._delete, {"row_id": delete})
                 queues = self.release(conn, [key])
                 if queues:
-                    broker._notify_on(conn, queues)
+                    self.hub.notify_on(conn, queues)
         except sa.exc.DBAPIError as exc:
-            if _is_transient(broker.engine, exc):
-                raise _closed(exc) from exc
+            if is_transient(self.engine, exc):
+                raise closed(exc) from exc
             raise
 
     def requeued(self, conn: Connection, row_ids: Sequence[int]) -> list[str]:

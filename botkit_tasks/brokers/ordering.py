@@ -271,6 +271,10 @@ class OrderingKeys(Middleware):
                     self._running[message.message_id] = "failed"
 
     def after_ack(self, broker: dramatiq.Broker, message: Any) -> None:
+        if message.queue_name != q_name(message.queue_name):
+            # A delay-queue copy acked as it moves to its queue: a copy of the
+            # same message may be running right now; its own ack finishes it.
+            return
         with self._lock:
             outcome = self._running.pop(message.message_id, None)
         if outcome is None:
