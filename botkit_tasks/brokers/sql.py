@@ -392,7 +392,12 @@ class SqlBroker(dramatiq.Broker):
             How many messages were requeued.  Undecodable rows stay dead.
         """
         return _deadletters.requeue_dead(
-            self.engine, self.messages, self.statements, self.hub, queue_name, message_ids,
+            self.engine,
+            self.messages,
+            self.statements,
+            self.hub,
+            queue_name,
+            message_ids,
             ordering=self.ordering,
         )
 
