@@ -189,7 +189,10 @@ class Target:
             query = (
                 sa.select(sa.func.count())
                 .select_from(table)
-                .where(table.c.queue_name.in_(queues), table.c.state.in_(["queued", "consumed"]))
+                .where(
+                    table.c.queue_name.in_(queues),
+                    table.c.state.in_(["queued", "consumed", "waiting"]),
+                )
             )
 
             def count_sql() -> int:
