@@ -15,7 +15,8 @@ body is read or any thread is taken:
 While verifying:
 
 - at most ``key_fetches_per_host`` key fetches run at once per host and
-  ``max_key_fetches`` overall;
+  ``max_key_fetches`` overall (further requests wait for a slot, within
+  their budget);
 - a request waits at most ``key_fetch_budget`` seconds for keys.  When the
   budget runs out (a key server that hangs) the request is answered ``429``
   and the host's key fetches pause for ``key_fetch_cooldown`` seconds (answered
@@ -175,6 +176,7 @@ class KeyFetchGate:
         self.fetcher = fetcher
         self.limits = limits
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)
         self._running: dict[str, int] = {}
         self._cooldown: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(
@@ -198,8 +200,13 @@ class KeyFetchGate:
             if paused_until > now:
                 raise KeyFetchThrottled(f"key fetches from {host} are paused", paused_until - now)
             self._cooldown.pop(host, None)
-            if self._running.get(host, 0) >= self.limits.key_fetches_per_host:
-                raise KeyFetchThrottled(f"too many key fetches from {host} at once", 1.0)
+            # Many actors of one instance may post at once: wait for a slot
+            # (within the budget) rather than refuse them all.
+            while self._running.get(host, 0) >= self.limits.key_fetches_per_host:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise KeyFetchThrottled(f"too many key fetches from {host} at once", 1.0)
+                self._freed.wait(remaining)
             self._running[host] = self._running.get(host, 0) + 1
         try:
             if not self._total.acquire(timeout=max(deadline - now, 0.0)):
@@ -233,6 +240,7 @@ class KeyFetchGate:
                 self._running[host] = left
             else:
                 self._running.pop(host, None)
+            self._freed.notify_all()
 
     def close(self) -> None:
         """Stop the fetch threads (fetches under way finish first); idempotent."""
