@@ -340,6 +340,7 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
         # Workers and the web app must see the same queue: a private in-memory
         # database per connection would silently lose every message.
         raise ConfigurationError(f"{variable}: an in-memory SQLite database cannot hold a queue")
+    from .brokers.retry_guard import install_retry_guard
     from .brokers.sql import SqlBroker
     from .kv.sql import SqlKvStore
     from .monitor.middleware import MonitorMiddleware
@@ -358,6 +359,7 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
         kv = SqlKvStore(engine, table_name=f"{prefix}_kv")
         broker = SqlBroker(engine, table_prefix=f"{prefix}_", listen=listen)
         broker.add_middleware(MonitorMiddleware())
+        install_retry_guard(broker)
     except BaseException as exc:
         engine.dispose()
         cause = getattr(exc, "orig", None) or exc.__cause__ or exc
@@ -379,6 +381,7 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
 def _redis_backends(url: str, prefix: str | None) -> Backends:
     from dramatiq.brokers.redis import RedisBroker
 
+    from .brokers.retry_guard import install_retry_guard
     from .kv.redis import RedisKvStore
     from .monitor.middleware import MonitorMiddleware
 
@@ -391,6 +394,7 @@ def _redis_backends(url: str, prefix: str | None) -> Backends:
     try:
         broker = RedisBroker(url=url, namespace=prefix or "dramatiq")  # type: ignore[no-untyped-call]
         broker.add_middleware(MonitorMiddleware())
+        install_retry_guard(broker)
     except BaseException:
         kv.close()
         raise

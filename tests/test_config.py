@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import unique_name
 
+from botkit_tasks.brokers.retry_guard import RetryGuard
 from botkit_tasks.config import Backends, from_env, from_urls
 from botkit_tasks.errors import ConfigurationError
 from botkit_tasks.monitor.middleware import MonitorMiddleware
@@ -97,8 +98,10 @@ def test_database_url_sqlite(tmp_path: Path, opened: list[Backends]) -> None:
     opened.append(b)
     assert b.kind == "sqlite"
     assert b.kv.engine is b.broker.engine  # type: ignore[attr-defined]
-    # Workers record tracebacks of every failed attempt for the monitor
+    # Workers record tracebacks of every failed attempt for the monitor, and a
+    # retry that cannot be enqueued is dead-lettered, not lost
     assert any(isinstance(m, MonitorMiddleware) for m in b.broker.middleware)
+    assert any(isinstance(m, RetryGuard) for m in b.broker.middleware)
 
 
 # --- PostgreSQL --------------------------------------------------------------------------
