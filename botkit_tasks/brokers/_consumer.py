@@ -105,7 +105,8 @@ class SqlConsumer(Consumer):
                 # one round trip; the connection is discarded on close so these
                 # settings never reach the pool.
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                conn.exec_driver_sql("SET synchronous_commit TO off")
+                if self.broker.listen:  # a session setting: not behind a transaction pooler
+                    conn.exec_driver_sql("SET synchronous_commit TO off")
                 conn.commit()  # ends SQLAlchemy's autobegun (no-op) transaction
             self._conn = conn
         return self._conn
@@ -388,7 +389,7 @@ class SqlConsumer(Consumer):
             return
         self._requeue_ids(ids, self.broker.engine.begin)
         self._release(ids)
-        self.broker.hub.wake_one(self.queue_name)
+        self.broker.hub.announce([self.queue_name])
 
     def _requeue_ids(self, ids: list[int], begin: Callable[[], Any]) -> None:
         m = self.broker.messages

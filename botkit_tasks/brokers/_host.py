@@ -22,6 +22,7 @@ class ConsumerHost(Protocol):
     messages: sa.Table
     workers: sa.Table
     is_postgres: bool
+    listen: bool
     poll_interval: float
     heartbeat_timeout: float
     statements: Statements

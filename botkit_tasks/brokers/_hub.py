@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -22,6 +22,9 @@ from sqlalchemy.engine import Connection, Engine
 from .._sql import on_commit
 from ._dberrors import closed, is_transient
 from ._schema import Statements
+
+if TYPE_CHECKING:
+    from ._wakeup import SqliteWakeups
 
 __all__ = ["ACK_DELAY", "Hub", "Waiter", "chunks"]
 
@@ -53,10 +56,22 @@ W = TypeVar("W", bound=Waiter)
 class Hub(Generic[W]):
     """Wake-ups and grouped acks of one broker's consumers in this process."""
 
-    def __init__(self, engine: Engine, statements: Statements, *, postgres: bool) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        statements: Statements,
+        *,
+        postgres: bool,
+        notify: bool,
+        wakeups: SqliteWakeups | None = None,
+    ) -> None:
         self.engine = engine
         self.statements = statements
         self.postgres = postgres
+        #: Send ``NOTIFY`` on commit (PostgreSQL, unless ``listen=False``).
+        self.notify = notify
+        #: Loopback datagrams to consumers in other processes (SQLite).
+        self.wakeups = wakeups
         self.lock = threading.Lock()
         self._waiters: dict[str, set[W]] = {}
         self._orphans: dict[str, list[W]] = {}
@@ -107,13 +122,30 @@ class Hub(Generic[W]):
         for queue in queues:
             self.wake_one(queue)
 
+    def announce(self, queues: Iterable[str]) -> None:
+        """Wake consumers of committed rows: here, and (SQLite) in other processes."""
+        queues = list(queues)
+        self.wake(queues)
+        if self.wakeups is not None:
+            self.wakeups.announce(queues)
+
+    def receive_wakeups(self) -> None:
+        """Start taking wake-ups from other processes (SQLite; idempotent)."""
+        if self.wakeups is not None:
+            self.wakeups.ensure_receiving(self.wake_one)
+
+    def close(self) -> None:
+        """Stop taking and sending cross-process wake-ups."""
+        if self.wakeups is not None:
+            self.wakeups.close()
+
     def notify_on(self, conn: Connection, queues: Sequence[str], *, local: bool = True) -> None:
         """Wake consumers of ``queues`` once the transaction on ``conn`` commits.
 
         ``local=False`` is for transactions not opened by :func:`transaction`,
         whose commit hooks never run; the caller then wakes this process itself.
         """
-        if self.postgres:
+        if self.notify:
             # Postgres folds identical notifications of one transaction into one,
             # but each pg_notify() is still a round trip: skip repeats.
             # Per savepoint: a rolled-back savepoint discards its NOTIFY, so
@@ -128,7 +160,7 @@ class Hub(Generic[W]):
                     conn.execute(self.statements.notify, {"queue": queue})
                     seen[1].add(queue)
         if local:
-            on_commit(conn, lambda: self.wake(queues))
+            on_commit(conn, lambda: self.announce(queues))
 
     # -- grouped acks ----------------------------------------------------------
 

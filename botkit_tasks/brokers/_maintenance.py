@@ -122,4 +122,4 @@ class Maintenance:
                 )
                 self.hub.notify_on(conn, sorted(set(requeued)), local=False)
         if requeued:
-            self.hub.wake(set(requeued))
+            self.hub.announce(set(requeued))

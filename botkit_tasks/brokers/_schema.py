@@ -14,6 +14,7 @@ import socket
 from typing import Any
 
 import sqlalchemy as sa
+from dramatiq.message import Message
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Engine
@@ -30,6 +31,7 @@ __all__ = [
     "channel_name",
     "define_tables",
     "lock_key",
+    "message_row",
     "now_ms",
 ]
 
@@ -62,6 +64,21 @@ def batch_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
     params: dict[str, Any] = {name: [row[name] for row in rows] for name in names}
     params["delay_ms"] = rows[0]["delay_ms"]
     return params
+
+
+def message_row(message: Message[Any], delay: int | None) -> dict[str, Any]:
+    """The insert parameters of one message (its retry count and last error kept)."""
+    retries = message.options.get("retries", 0)
+    traceback = message.options.get("traceback")
+    return {
+        "message_id": message.message_id,
+        "queue_name": message.queue_name,
+        "actor_name": message.actor_name,
+        "retries": retries if isinstance(retries, int) else 0,
+        "last_error": traceback if isinstance(traceback, str) else None,
+        "data": message.encode(),
+        "delay_ms": max(int(delay or 0), 0),
+    }
 
 
 def _bigint_id() -> sa.Column[int]:

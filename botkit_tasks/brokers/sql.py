@@ -57,6 +57,7 @@ from ._consumer import SqlConsumer, SqlMessageProxy
 from ._dberrors import closed, is_transient
 from ._hub import ACK_DELAY, Hub
 from ._maintenance import Maintenance
+from ._pooler import pooler_engine_options, unprepare_connections
 from ._schema import (
     CONSUMED,
     PREFIX_RE,
@@ -66,7 +67,9 @@ from ._schema import (
     channel_name,
     define_tables,
     lock_key,
+    message_row,
 )
+from ._wakeup import SqliteWakeups
 
 # A private generator: jitter must not consume or reseed the application's
 # global random state (tests and users may seed it).
@@ -106,6 +109,12 @@ class SqlBroker(dramatiq.Broker):
             consumer's in-flight messages are handed out again.
         dead_message_ttl: Seconds a dead-lettered message is kept.
         create_tables: Create the tables (idempotently) in the constructor.
+        listen: PostgreSQL only.  ``False`` keeps no session state on any
+            connection, for transaction poolers such as PgBouncer in
+            ``transaction`` mode: no ``LISTEN``/``NOTIFY``, no session
+            settings or advisory locks, no server-side prepared statements.
+            Consumers in other processes then see a new message within
+            ``poll_interval`` (those of the enqueuing process at once).
     """
 
     def __init__(
@@ -118,6 +127,7 @@ class SqlBroker(dramatiq.Broker):
         heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
         dead_message_ttl: float = DEFAULT_DEAD_MESSAGE_TTL,
         create_tables: bool = True,
+        listen: bool = True,
     ) -> None:
         if not PREFIX_RE.match(table_prefix):
             raise ConfigurationError(
@@ -135,11 +145,17 @@ class SqlBroker(dramatiq.Broker):
             # consumer holds a connection (two per queue per process), so the
             # overflow is unbounded lest many queues starve the worker threads.
             engine = create_engine(
-                url_or_engine, pool_pre_ping=False, pool_size=10, max_overflow=-1
+                url_or_engine,
+                pool_pre_ping=False,
+                pool_size=10,
+                max_overflow=-1,
+                **pooler_engine_options(url_or_engine, listen),
             )
             self.engine, self._owns_engine = engine, True
         else:
             self.engine, self._owns_engine = resolve_engine(url_or_engine)
+            if not listen:
+                unprepare_connections(self.engine)
         if self.engine.dialect.name not in ("postgresql", "sqlite"):
             raise ConfigurationError(
                 f"SqlBroker supports PostgreSQL and SQLite, not {self.engine.dialect.name}"
@@ -152,9 +168,17 @@ class SqlBroker(dramatiq.Broker):
         self.metadata, self.messages, self.workers = define_tables(table_prefix)
         self.channel = channel_name(table_prefix)
         self.is_postgres = is_postgres(self.engine)
+        #: Whether consumers hold session state (LISTEN, settings); see ``listen``.
+        self.listen = listen or not self.is_postgres
         self._lock_key = lock_key(table_prefix)
         self.statements = Statements(self.engine, self.messages, self.workers, self.channel)
-        self.hub: Hub[SqlConsumer] = Hub(self.engine, self.statements, postgres=self.is_postgres)
+        self.hub: Hub[SqlConsumer] = Hub(
+            self.engine,
+            self.statements,
+            postgres=self.is_postgres,
+            notify=self.is_postgres and self.listen,
+            wakeups=None if self.is_postgres else SqliteWakeups(self.engine, table_prefix),
+        )
         self.maintenance = Maintenance(
             engine=self.engine,
             messages=self.messages,
@@ -206,6 +230,7 @@ class SqlBroker(dramatiq.Broker):
             except sa.exc.DBAPIError:
                 pass
             listener.stop()
+        self.hub.close()
         if self._owns_engine:
             self.engine.dispose()
 
@@ -219,6 +244,8 @@ class SqlBroker(dramatiq.Broker):
         """
         if self.is_postgres:
             self._ensure_listener()
+        else:
+            self.hub.receive_wakeups()
         return SqlConsumer(self, queue_name, prefetch, timeout)
 
     def declare_queue(self, queue_name: str) -> None:
@@ -269,7 +296,6 @@ class SqlBroker(dramatiq.Broker):
             The messages as stored, in order.
         """
         stored: list[Message[Any]] = []
-        rows: list[dict[str, Any]] = []
         for message in messages:
             if delay is not None:
                 message = message.copy(
@@ -278,21 +304,7 @@ class SqlBroker(dramatiq.Broker):
                 )
             self.emit_before("enqueue", message, delay)
             stored.append(message)
-        for message in stored:
-            options = message.options
-            retries = options.get("retries", 0)
-            traceback = options.get("traceback")
-            rows.append(
-                {
-                    "message_id": message.message_id,
-                    "queue_name": message.queue_name,
-                    "actor_name": message.actor_name,
-                    "retries": retries if isinstance(retries, int) else 0,
-                    "last_error": traceback if isinstance(traceback, str) else None,
-                    "data": message.encode(),
-                    "delay_ms": max(int(delay or 0), 0),
-                }
-            )
+        rows = [message_row(message, delay) for message in stored]
         if rows:
             self._write_with_retry(rows)
         for message in stored:
@@ -308,7 +320,8 @@ class SqlBroker(dramatiq.Broker):
                     # One message outside atomic(): one autocommitted statement
                     # that inserts and notifies, a single round trip.
                     with self.statements.autocommit.connect() as conn:
-                        conn.execute(self.statements.insert_notify, rows[0])
+                        st = self.statements
+                        conn.execute(st.insert_notify if self.listen else st.insert, rows[0])
                         conn.commit()
                     self.hub.wake(queues)
                     return
@@ -413,19 +426,22 @@ class SqlBroker(dramatiq.Broker):
         from ._listen import PgListener, PgVacuum
 
         with self.hub.lock:
-            listener = self._listener
-            if listener is not None and listener.pid != os.getpid():
-                # Inherited across fork(): the thread is gone and the socket is
-                # the parent's.  Keep a reference so it is never closed here.
-                self._inherited.append(listener)
-                listener = self._listener = self._vacuum = None
-            if listener is None:
-                listener = PgListener(
-                    self.engine, self.channel, self.hub.wake_one, self.hub.wake_all
-                )
-                self._listener = listener
-                listener.start()
+            helpers = [h for h in (self._listener, self._vacuum) if h is not None]
+            if any(helper.pid != os.getpid() for helper in helpers):
+                # Inherited across fork(): the threads are gone and the sockets
+                # are the parent's.  Keep references so they are never closed here.
+                self._inherited.extend(helpers)
+                self._listener = self._vacuum = None
+            if self._vacuum is None:
+                if self.listen:
+                    self._listener = PgListener(
+                        self.engine, self.channel, self.hub.wake_one, self.hub.wake_all
+                    )
+                    self._listener.start()
                 self._vacuum = PgVacuum(
-                    self.engine, self.messages.name, lock_key(f"{self.table_prefix}:vacuum")
+                    self.engine,
+                    self.messages.name,
+                    lock_key(f"{self.table_prefix}:vacuum"),
+                    session_lock=self.listen,
                 )
                 self._vacuum.start()

@@ -67,6 +67,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None) -> 
             return run_demo(
                 followers=args.followers,
                 threads=args.threads,
+                processes=args.processes,
                 plain=args.plain or not out.isatty(),
                 keep=args.keep,
                 out=out,

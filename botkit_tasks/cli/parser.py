@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the whole system on loopback: bot, workers and a simulated fediverse",
         description=(
             "Start a bot on loopback with an embedded SQLite database in a temporary "
-            "directory, real Dramatiq workers and a simulated remote server whose "
+            "directory, real `dramatiq` worker processes and a simulated remote server whose "
             "followers follow the bot; publish a note and show deliveries and "
             "retries live. Exit status 0 when everything behaved as scripted."
         ),
@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="periodic progress lines instead of a live display (default when not a TTY)",
     )
-    demo.add_argument("--threads", type=int, default=8, help="worker threads (default 8)")
+    demo.add_argument(
+        "--processes", type=int, default=2, help="dramatiq worker processes (default 2)"
+    )
+    demo.add_argument(
+        "--threads", type=int, default=8, help="worker threads per process (default 8)"
+    )
     demo.add_argument(
         "--keep",
         metavar="DIR",

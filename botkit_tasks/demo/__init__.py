@@ -1,6 +1,6 @@
 """``botkit-tasks demo``: the whole system on loopback, in under a minute.
 
-What runs, all in this process and on ``127.0.0.1``:
+What runs, on ``127.0.0.1``:
 
 * the bot's web app (:meth:`Bot.asgi_app`) under uvicorn, on a free port;
 * a simulated remote fediverse (:mod:`.remote`): two instances on their own
@@ -8,8 +8,11 @@ What runs, all in this process and on ``127.0.0.1``:
   inbox; every inbox verifies HTTP signatures, and some are scripted to fail
   the way real servers do (500s, a 429 with ``Retry-After``, a 410, one that
   hangs);
-* real Dramatiq workers (``dramatiq.Worker`` threads) on a ``SqlBroker`` and
-  a ``SqlKvStore`` sharing one SQLite file in a temporary directory.
+* real ``dramatiq`` worker processes (``dramatiq
+  botkit_tasks.demo.dramatiq_app:broker``, as a deployment runs ``dramatiq
+  mybot``) on a ``SqlBroker`` and a ``SqlKvStore`` sharing one SQLite file in
+  a temporary directory.  They are stopped on the way out, Ctrl-C included,
+  and stop by themselves should the demo die (:mod:`.processes`).
 
 The script: every remote account sends a signed ``Follow``; the bot's inbox
 verifies it and enqueues an inbox job; the job stores the follower and
@@ -46,6 +49,7 @@ def run_demo(
     *,
     followers: int = 240,
     threads: int = 8,
+    processes: int = 2,
     plain: bool = False,
     keep: str | None = None,
     out: TextIO | None = None,
@@ -54,14 +58,22 @@ def run_demo(
 
     Args:
         followers: Remote accounts that follow the bot (at least 20).
-        threads: Dramatiq worker threads.
+        threads: Dramatiq worker threads per process.
+        processes: ``dramatiq`` worker processes.
         plain: Periodic progress lines instead of the live ANSI display.
         keep: Directory to keep the SQLite database and log in (default: a
             temporary directory, removed afterwards).
         out: Where to write (``sys.stdout`` when ``None``).
     """
     stream = out if out is not None else sys.stdout
-    demo = Demo(followers=followers, threads=threads, live=not plain, keep=keep, out=stream)
+    demo = Demo(
+        followers=followers,
+        threads=threads,
+        processes=processes,
+        live=not plain,
+        keep=keep,
+        out=stream,
+    )
     try:
         result = demo.run()
     except KeyboardInterrupt:

@@ -12,15 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .bot_factory import build_demo_bot
 from .display import Progress
+from .processes import WorkerProcesses
 from .remote import RemoteActor, RemoteFediverse
 from .report import Check, DemoResult, print_summary, render_progress
 from .servers import Server, free_socket
 from .settings import DEMO_DELIVERY, MIN_FOLLOWERS, PHASE_TIMEOUT
 
 if TYPE_CHECKING:
-    import dramatiq
-
     from ..bot import Bot
     from ..monitor import QueueStats
 
@@ -37,6 +37,7 @@ class Demo:
         *,
         followers: int = 240,
         threads: int = 8,
+        processes: int = 2,
         live: bool = False,
         keep: str | None = None,
         out: TextIO = sys.stdout,
@@ -45,6 +46,7 @@ class Demo:
             raise ValueError(f"the demo needs at least {MIN_FOLLOWERS} followers")
         self.n_followers = followers
         self.threads = max(threads, 1)
+        self.processes = max(processes, 1)
         self.live = live
         self.keep = keep
         self.out = out
@@ -54,7 +56,7 @@ class Demo:
         self.activity_id: str | None = None
         self._tmp: str | None = None
         self._servers: list[Server] = []
-        self._worker: dramatiq.Worker | None = None
+        self._workers: WorkerProcesses | None = None
         self._progress: Progress | None = None
         self._log_handler: logging.Handler | None = None
         self._saved_levels: dict[str, tuple[int, bool]] = {}
@@ -66,13 +68,6 @@ class Demo:
     # ------------------------------------------------------------------ setup
 
     def _setup(self) -> None:
-        import dramatiq
-
-        from .._sql import create_engine
-        from ..bot import Bot
-        from ..brokers.sql import SqlBroker
-        from ..kv.sql import SqlKvStore
-
         if self.keep:
             Path(self.keep).mkdir(parents=True, exist_ok=True)
             directory = self.keep
@@ -82,26 +77,14 @@ class Demo:
         self.log_path = Path(directory) / "demo.log"
         self._quiet_logs()
 
-        self.engine = create_engine(f"sqlite:///{self.db_path}")
-        self.kv = SqlKvStore(self.engine)
-        # Short polls: retries become due within a fraction of a second.
-        self.broker = SqlBroker(self.engine, poll_interval=0.1)
-
         bot_socket = free_socket()
         remote_sockets = {"a": free_socket(), "b": free_socket()}
-        port = bot_socket.getsockname()[1]
-        self.bot = Bot(
-            "demo",
-            base_url=f"http://127.0.0.1:{port}",
-            name="Demo Bot",
-            summary="I run on botkit-tasks: a SQLite queue and Dramatiq workers.",
-            kv=self.kv,
-            broker=self.broker,
-            allow_private_addresses=True,
-            delivery_options=DEMO_DELIVERY,
-            set_global_broker=False,
-        )
-        self.bot.federation.private_key  # noqa: B018 - create the key pair before serving
+        base_url = f"http://127.0.0.1:{bot_socket.getsockname()[1]}"
+        backends = build_demo_bot(self.db_path, base_url, global_broker=False)
+        self.engine, self.kv, self.broker = backends.engine, backends.kv, backends.broker
+        self.bot = backends.bot
+        # The key pair is made here, before any worker process could race to make one.
+        self.bot.federation.private_key  # noqa: B018
 
         self.remote = RemoteFediverse(
             {name: s.getsockname()[1] for name, s in remote_sockets.items()},
@@ -115,8 +98,21 @@ class Demo:
         ]
         for server in self._servers:
             server.start()
-        self._worker = dramatiq.Worker(self.broker, worker_threads=self.threads, worker_timeout=100)
-        self._worker.start()
+        # Real `dramatiq` worker processes, as a deployment runs them.
+        self._workers = WorkerProcesses(
+            db_path=self.db_path,
+            base_url=base_url,
+            processes=self.processes,
+            threads=self.threads,
+            log_path=self.log_path,
+        )
+        self._workers.start()
+        self._workers.wait_ready(self._workers_up)
+
+    def _workers_up(self) -> bool:
+        from ..monitor import inspect
+
+        return len(inspect(self.broker).workers()) >= self.processes
 
     def _populate(self, remote: RemoteFediverse) -> None:
         n = self.n_followers
@@ -184,8 +180,11 @@ class Demo:
             file=out,
         )
         print(f"  storage    SQLite {self.db_path} (KV store and SqlBroker, one engine)", file=out)
+        assert self._workers is not None
         print(
-            f"  workers    {self.threads} Dramatiq worker threads; log in {self.log_path}", file=out
+            f"  workers    `dramatiq` with {self.processes} processes x {self.threads} threads "
+            f"(pids {' '.join(map(str, self._workers.pids()))}); log in {self.log_path}",
+            file=out,
         )
         print(file=out)
         self._progress = Progress(out, self._render, live=self.live)
@@ -412,9 +411,9 @@ class Demo:
         if self._progress is not None:
             self._step(lambda p=self._progress: p.stop(final=False))
             self._progress = None
-        if self._worker is not None:
-            self._step(lambda w=self._worker: w.stop(timeout=10_000))
-            self._worker = None
+        if self._workers is not None:
+            self._step(self._workers.stop)
+            self._workers = None
         if self.remote is not None:
             self.remote.stopping.set()  # ends hanging requests
         for server in self._servers:

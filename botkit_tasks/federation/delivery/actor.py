@@ -22,6 +22,7 @@ from botkit_tasks.federation._registry import lookup
 from botkit_tasks.federation.base import FederationLike
 from botkit_tasks.kv.base import KvKey
 
+from .. import stats
 from .attempt import DEFAULT_USER_AGENT, deliver_once, new_client
 from .hosts import host_of, is_host_available, record_host_failure, record_host_success
 from .options import DeliveryOptions
