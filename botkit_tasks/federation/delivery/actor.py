@@ -17,7 +17,6 @@ from typing import Any, ParamSpec
 import dramatiq
 import httpx
 
-from botkit_tasks.federation import stats
 from botkit_tasks.federation._registry import lookup
 from botkit_tasks.federation.base import FederationLike
 from botkit_tasks.kv.base import KvKey
