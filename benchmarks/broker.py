@@ -51,15 +51,20 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _broker_apps.app import make  # noqa: E402
 
-KINDS = ["sql-pg", "sql-sqlite", "redis", "dramatiq-postgres"]
+KINDS = ["sql-pg", "sql-pg-ordered", "sql-pgbouncer", "sql-sqlite", "redis", "dramatiq-postgres"]
+#: Distinct ordering keys of the sql-pg-ordered drain (messages spread round-robin).
+ORDERING_KEYS = 50
 LABELS = {
     "sql-pg": "SqlBroker-PostgreSQL",
+    "sql-pg-ordered": "SqlBroker-PG-50-keys",
+    "sql-pgbouncer": "SqlBroker-PgBouncer",
     "sql-sqlite": "SqlBroker-SQLite",
     "redis": "RedisBroker",
     "dramatiq-postgres": "dramatiq-postgres",
@@ -150,8 +155,10 @@ class Target:
         self.kind = kind
         self.queue = "bench"
         tag = uuid.uuid4().hex[:8]
-        if kind == "sql-pg":
+        if kind in ("sql-pg", "sql-pg-ordered"):
             self.url, self.prefix = database_url, f"bench{tag}_"
+        elif kind == "sql-pgbouncer":
+            self.url, self.prefix = pgbouncer_url(database_url), f"bench{tag}_"
         elif kind == "sql-sqlite":
             self.url, self.prefix = f"sqlite:///{workdir}/bench-{tag}.sqlite3", f"bench{tag}_"
         elif kind == "redis":
@@ -174,7 +181,7 @@ class Target:
 
     def _make_counter(self) -> Callable[[], int]:
         queues = (self.queue, f"{self.queue}.DQ")
-        if self.kind in ("sql-pg", "sql-sqlite"):
+        if self.kind.startswith("sql-"):
             import sqlalchemy as sa
 
             engine = self.broker.engine
@@ -223,7 +230,15 @@ class Target:
 
     def fill(self, n: int, batch: int = 1_000) -> None:
         """Enqueue ``n`` no-op messages as fast as this broker allows (untimed)."""
-        if self.has_enqueue_many:
+        if self.kind == "sql-pg-ordered":
+            for start in range(0, n, batch):
+                self.broker.enqueue_many(
+                    [
+                        self.noop.message_with_options(ordering_key=f"k{i % ORDERING_KEYS}")
+                        for i in range(start, min(start + batch, n))
+                    ]
+                )
+        elif self.has_enqueue_many:
             for start in range(0, n, batch):
                 size = min(batch, n - start)
                 self.broker.enqueue_many([self.noop.message() for _ in range(size)])
@@ -246,7 +261,7 @@ class Target:
             self.broker.close()
         except Exception as exc:
             log(f"{self.kind}: close failed: {exc}")
-        if self.kind == "sql-pg":
+        if self.kind in ("sql-pg", "sql-pg-ordered", "sql-pgbouncer"):
             import sqlalchemy as sa
 
             from botkit_tasks._sql import create_engine
@@ -504,6 +519,20 @@ def run_all(
     return results
 
 
+_PGBOUNCER: list[Any] = []
+
+
+def pgbouncer_url(database_url: str) -> str:
+    """Start PgBouncer (transaction mode) in front of the database once; its URL."""
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from _pgbouncer import running_pgbouncer
+
+    if not _PGBOUNCER:
+        manager = running_pgbouncer(database_url, pool_size=40)
+        _PGBOUNCER.append((manager, manager.__enter__()))
+    return str(_PGBOUNCER[0][1])
+
+
 def commit_rate(database_url: str, seconds: float = 1.0) -> float | None:
     """Single-row INSERT transactions per second on the database right now.
 
@@ -577,6 +606,12 @@ def report(
             print(f"    note: {note}")
     redis, dpg = results.get("redis"), results.get("dramatiq-postgres")
     print()
+    ordered, plain = results.get("sql-pg-ordered"), results.get("sql-pg")
+    if ordered is not None and plain is not None:
+        print(
+            f"ordering keys ({ORDERING_KEYS} keys) on PostgreSQL: drain "
+            f"{ratio(ordered.drain, plain.drain)} unordered (target >= 0.80x)"
+        )
     for kind in ("sql-pg", "sql-sqlite"):
         r = results.get(kind)
         if r is None:
@@ -666,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     probes.append(commit_rate(args.database_url))
+    for manager, _url in _PGBOUNCER:
+        manager.__exit__(None, None, None)
     return report(results, sizes, args.repeat, probes)
 
 

@@ -119,3 +119,66 @@ def dramatiq_cli(
                 proc.wait(10)
         if log:
             out.close()  # type: ignore[union-attr]
+
+
+class SqlEventLog:
+    """``(key, i, event)`` rows in a ``{prefix}events`` table, in commit order."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        from botkit_tasks._sql import create_engine
+
+        postgres = sa.make_url(url).get_backend_name() == "postgresql"
+        self.engine = create_engine(
+            url, connect_args={"prepare_threshold": None} if postgres else {}
+        )
+        self.table = sa.Table(
+            f"{prefix}events",
+            sa.MetaData(),
+            sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+            sa.Column("key", sa.String(64), nullable=False),
+            sa.Column("i", sa.Integer, nullable=False),
+            sa.Column("event", sa.String(8), nullable=False),
+        )
+        self.table.metadata.create_all(self.engine, checkfirst=True)
+
+    def add(self, key: str, i: int, event: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self.table.insert().values(key=key, i=i, event=event))
+
+    def all(self) -> list[tuple[str, int, str]]:
+        t = self.table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t.c.key, t.c.i, t.c.event).order_by(t.c.id))
+            return [(k, i, e) for k, i, e in rows]
+
+    def drop(self) -> None:
+        self.table.metadata.drop_all(self.engine, checkfirst=True)
+        self.engine.dispose()
+
+
+class RedisEventLog:
+    """The same log as a Redis list (``RPUSH`` is atomic and ordered)."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url)
+        self.key = f"{prefix}:events"
+
+    def add(self, key: str, i: int, event: str) -> None:
+        self.client.rpush(self.key, f"{key}\t{i}\t{event}")
+
+    def all(self) -> list[tuple[str, int, str]]:
+        out = []
+        for raw in self.client.lrange(self.key, 0, -1):
+            key, i, event = raw.decode().split("\t")
+            out.append((key, int(i), event))
+        return out
+
+    def drop(self) -> None:
+        self.client.delete(self.key)
+        self.client.close()
+
+
+def make_event_log(kind: str, url: str, prefix: str) -> Any:
+    return SqlEventLog(url, prefix) if kind == "sql" else RedisEventLog(url, prefix)

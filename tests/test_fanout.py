@@ -366,3 +366,32 @@ def test_pipelined_redis_fanout_is_delivered_by_a_real_worker(
             client.delete(key)
         client.close()
         kv.close()
+
+
+def test_create_update_delete_of_one_note_reach_an_inbox_in_order(
+    server: ScriptedServer, sqlite_url: str
+) -> None:
+    from botkit_tasks.brokers import SqlBroker
+
+    # Given an inbox that fails the first delivery (503, retried) and accepts the rest
+    server.script("/inbox", Reply(503), Reply(202))
+    broker = SqlBroker(sqlite_url, table_prefix="fo_")
+    fed = federation(broker=broker, base_url="http://127.0.0.1:1")
+    fed.followers.add({"id": "http://f/1", "inbox": server.url("/inbox")})
+    note = {"id": "http://127.0.0.1:1/notes/1", "type": "Note", "content": "hi"}
+    worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=20)
+    worker.start()
+    try:
+        # When Create, Update and Delete of one note are published back to back
+        for n, kind in enumerate(("Create", "Update", "Delete")):
+            activity = {**ACTIVITY, "id": f"http://127.0.0.1:1/a/{n}", "type": kind, "object": note}
+            fed.publish(activity)
+        broker.join("botkit.fanout", timeout=20_000)
+        broker.join("botkit.outbox", timeout=20_000)
+    finally:
+        worker.stop()
+        broker.drop_tables()
+        broker.close()
+    # Then the inbox saw them in publish order, the Create twice (its retry first)
+    kinds = [json.loads(r.body)["type"] for r in server.requests("/inbox")]
+    assert kinds == ["Create", "Create", "Update", "Delete"]

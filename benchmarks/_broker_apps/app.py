@@ -5,7 +5,9 @@
 ``BENCH_PREFIX``, ``BENCH_QUEUE`` and ``BENCH_LATENCY_FILE`` set, so the
 workers build the very same broker and actors.
 
-Kinds: ``sql-pg`` / ``sql-sqlite`` (botkit's SqlBroker), ``redis`` (Dramatiq's
+Kinds: ``sql-pg`` / ``sql-pg-ordered`` (messages with 50 ordering keys) /
+``sql-pgbouncer`` (``listen=False`` through PgBouncer) / ``sql-sqlite``
+(botkit's SqlBroker), ``redis`` (Dramatiq's
 RedisBroker; the prefix is its namespace) and ``dramatiq-postgres`` (its
 PostgresBroker; the prefix is its schema).  Every broker keeps Dramatiq's
 default middleware, as a user would.
@@ -22,10 +24,11 @@ import dramatiq
 
 def make_broker(kind: str, url: str, prefix: str) -> dramatiq.Broker:
     """Build the broker ``kind`` on ``url`` under the namespace ``prefix``."""
-    if kind in ("sql-pg", "sql-sqlite"):
+    if kind.startswith("sql-"):
         from botkit_tasks.brokers.sql import SqlBroker
 
-        return SqlBroker(url, table_prefix=prefix)
+        # sql-pgbouncer: PostgreSQL through PgBouncer in transaction mode.
+        return SqlBroker(url, table_prefix=prefix, listen=kind != "sql-pgbouncer")
     if kind == "redis":
         from dramatiq.brokers.redis import RedisBroker
 

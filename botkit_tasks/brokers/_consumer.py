@@ -346,12 +346,13 @@ class SqlConsumer(Consumer):
 
     # Called from worker threads.
     def ack(self, message: MessageProxy) -> None:
-        """Mark ``message`` done; its row is deleted with the next grouped flush."""
+        """Mark ``message`` done; its row is deleted with the next grouped flush (or at
+        once when it has an ordering key, whose next message may then run)."""
         row_id = getattr(message, "row_id", None)
         if row_id is None:
             return
         self._release((row_id,))
-        self.broker.hub.add_ack(row_id)
+        self.broker.ordering.ack(row_id, message.options.get("ordering_key"))
 
     def nack(self, message: MessageProxy) -> None:
         """Keep ``message`` as a dead letter, with its final options (traceback, retries)."""
@@ -380,6 +381,8 @@ class SqlConsumer(Consumer):
             if is_transient(self.broker.engine, exc):
                 raise closed(exc) from exc
             raise
+        if (key := options.get("ordering_key")) is not None:
+            self.broker.ordering.dead_lettered(key)  # no longer its key's head
         self._release((row_id,))
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:

@@ -16,8 +16,9 @@ from dramatiq.common import dq_name, q_name
 from dramatiq.message import Message
 from sqlalchemy.engine import Engine
 
-from .._sql import transaction
+from .._sql import on_commit, transaction
 from ._hub import Hub
+from ._ordering import SqlOrdering
 from ._schema import DEAD, QUEUED, Statements
 
 __all__ = ["dead_letters", "requeue_dead"]
@@ -49,10 +50,12 @@ def requeue_dead(
     hub: Hub[Any],
     queue_name: str,
     message_ids: Iterable[str] | None,
+    *,
+    ordering: SqlOrdering,
 ) -> int:
     """Move dead letters back to their queue with retries reset; return how many.
 
-    Undecodable rows stay dead.
+    Undecodable rows stay dead; keyed ones wait behind their key's head.
     """
     m = messages
     canonical = q_name(queue_name)
@@ -97,4 +100,7 @@ def requeue_dead(
         if params:
             conn.execute(update, params)
             hub.notify_on(conn, [canonical])
+            promoted = ordering.requeued(conn, [p["row_id"] for p in params])
+            if promoted:
+                on_commit(conn, lambda: hub.announce(promoted))
     return len(params)

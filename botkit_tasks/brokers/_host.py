@@ -10,6 +10,7 @@ if TYPE_CHECKING:
 
     from ._hub import Hub
     from ._maintenance import Maintenance
+    from ._ordering import SqlOrdering
     from ._schema import Statements
 
 __all__ = ["ConsumerHost"]
@@ -28,3 +29,4 @@ class ConsumerHost(Protocol):
     statements: Statements
     hub: Hub[Any]
     maintenance: Maintenance
+    ordering: SqlOrdering

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ._hub import Hub
+from ._ordering import SqlOrdering
 from ._schema import CONSUMED, DEAD, QUEUED, Statements
 
 __all__ = ["Maintenance"]
@@ -38,6 +39,7 @@ class Maintenance:
         workers: sa.Table,
         statements: Statements,
         hub: Hub[Any],
+        ordering: SqlOrdering,
         lock_key: int,
         heartbeat_timeout: float,
         dead_message_ttl: float,
@@ -49,6 +51,7 @@ class Maintenance:
         self.workers = workers
         self.statements = statements
         self.hub = hub
+        self.ordering = ordering
         self.lock_key = lock_key
         self.heartbeat_timeout = heartbeat_timeout
         self.dead_message_ttl = dead_message_ttl
@@ -109,6 +112,8 @@ class Maintenance:
                 .all()
             )
             conn.execute(w.delete().where(w.c.heartbeat_at < cutoff))
+            # Keys whose head went without handing them on (see _ordering.py).
+            released = self.ordering.sweep(conn)
             conn.execute(
                 m.delete().where(
                     m.c.state == DEAD,
@@ -121,5 +126,5 @@ class Maintenance:
                     len(requeued),
                 )
                 self.hub.notify_on(conn, sorted(set(requeued)), local=False)
-        if requeued:
-            self.hub.announce(set(requeued))
+        if requeued or released:
+            self.hub.announce(set(requeued) | set(released))

@@ -1,7 +1,9 @@
 """The broker's tables and the statements it runs on them.
 
 Two tables per prefix: ``{prefix}messages`` (one row per message, its
-``state`` ``queued`` → ``consumed`` → deleted on ack, or ``dead``) and
+``state`` ``queued`` → ``consumed`` → deleted on ack, or ``dead``; a message
+with an ordering key starts ``waiting`` behind its key's head, see
+``_ordering.py``) and
 ``{prefix}workers`` (one heartbeat row per consumer).  :class:`Statements`
 builds every statement once per broker, for its dialect.
 """
@@ -20,12 +22,14 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Engine
 
 from .._sql import is_postgres
+from .ordering import MAX_KEY_LENGTH, check_ordering_key
 
 __all__ = [
     "CONSUMED",
     "DEAD",
     "PREFIX_RE",
     "QUEUED",
+    "WAITING",
     "Statements",
     "batch_columns",
     "channel_name",
@@ -40,6 +44,8 @@ __all__ = [
 QUEUED: sa.ColumnElement[str] = sa.literal_column("'queued'")
 CONSUMED: sa.ColumnElement[str] = sa.literal_column("'consumed'")
 DEAD: sa.ColumnElement[str] = sa.literal_column("'dead'")
+#: A keyed message behind its key's head; no claim looks at these rows.
+WAITING: sa.ColumnElement[str] = sa.literal_column("'waiting'")
 
 #: What a table prefix may be: a short SQL identifier.
 PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,40}$")
@@ -78,6 +84,7 @@ def message_row(message: Message[Any], delay: int | None) -> dict[str, Any]:
         "last_error": traceback if isinstance(traceback, str) else None,
         "data": message.encode(),
         "delay_ms": max(int(delay or 0), 0),
+        "ordering_key": check_ordering_key(message.options.get("ordering_key")),
     }
 
 
@@ -108,7 +115,20 @@ def define_tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("retries", sa.Integer, nullable=False, default=0),
         sa.Column("last_error", sa.Text),
         sa.Column("data", sa.LargeBinary, nullable=False),
+        # Ordering keys: the key, and the row id of the message's first delivery.
+        sa.Column("ordering_key", sa.String(MAX_KEY_LENGTH)),
+        sa.Column("ordering_seq", sa.BigInteger),
         sqlite_autoincrement=True,
+    )
+    keyed = messages.c.ordering_key.isnot(None)
+    sa.Index(
+        f"{prefix}messages_order_idx",
+        messages.c.ordering_key,
+        messages.c.state,
+        messages.c.ordering_seq,
+        messages.c.id,
+        postgresql_where=keyed,
+        sqlite_where=keyed,
     )
     queued = messages.c.state == QUEUED
     sa.Index(

@@ -7,11 +7,12 @@ epoch milliseconds from the database clock):
     ``id`` (BIGINT identity, the per-delivery row id), ``message_id``
     (indexed, not unique: retries re-enqueue the same id before the old copy
     is acked), ``queue_name`` (``X`` or ``X.DQ``), ``actor_name``, ``state``
-    (``queued`` | ``consumed`` | ``dead``), ``available_at`` (when the row may
+    (``queued`` | ``consumed`` | ``dead`` | ``waiting``), ``available_at`` (when the row may
     be claimed; for ``.DQ`` rows the ETA, computed as the database's clock
     at insert plus the delay), ``enqueued_at``, ``worker_id``,
     ``consumed_at``, ``dead_at``, ``retries`` and ``last_error`` (copied from
-    the options for monitoring), ``data`` (``message.encode()``, any encoder).
+    the options for monitoring), ``data`` (``message.encode()``, any encoder),
+    ``ordering_key`` and ``ordering_seq`` (see ``_ordering.py``).
     Partial index ``(queue_name, available_at, id) WHERE state = 'queued'``.
 
 ``{prefix}workers`` — one row per live consumer (Dramatiq runs two per queue
@@ -36,7 +37,6 @@ allows, and it removes an fsync from every batch.
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -54,26 +54,24 @@ from .._sql import ambient_connection, create_engine, is_postgres, resolve_engin
 from ..errors import ConfigurationError
 from . import _deadletters
 from ._consumer import SqlConsumer, SqlMessageProxy
-from ._dberrors import closed, is_transient
+from ._dberrors import is_transient
 from ._hub import ACK_DELAY, Hub
 from ._maintenance import Maintenance
+from ._ordering import SqlOrdering, ensure_ordering_schema
 from ._pooler import pooler_engine_options, unprepare_connections
 from ._schema import (
     CONSUMED,
     PREFIX_RE,
     QUEUED,
+    WAITING,
     Statements,
-    batch_columns,
     channel_name,
     define_tables,
     lock_key,
     message_row,
 )
 from ._wakeup import SqliteWakeups
-
-# A private generator: jitter must not consume or reseed the application's
-# global random state (tests and users may seed it).
-_random = random.Random()
+from ._writer import write_rows
 
 __all__ = ["ACK_DELAY", "SqlBroker", "SqlMessageProxy"]
 
@@ -83,8 +81,6 @@ DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
 #: Seconds a dead letter is kept.
 DEFAULT_DEAD_MESSAGE_TTL = 7 * 86400
-#: Attempts ``enqueue`` makes on a transient database error before raising.
-ENQUEUE_ATTEMPTS = 6
 
 
 class SqlBroker(dramatiq.Broker):
@@ -179,12 +175,17 @@ class SqlBroker(dramatiq.Broker):
             notify=self.is_postgres and self.listen,
             wakeups=None if self.is_postgres else SqliteWakeups(self.engine, table_prefix),
         )
+        #: Ordering keys (``send_with_options(ordering_key=…)``); see ``_ordering.py``.
+        self.ordering = SqlOrdering(
+            self.engine, self.messages, self.statements, self.hub, table_prefix
+        )
         self.maintenance = Maintenance(
             engine=self.engine,
             messages=self.messages,
             workers=self.workers,
             statements=self.statements,
             hub=self.hub,
+            ordering=self.ordering,
             lock_key=self._lock_key,
             heartbeat_timeout=heartbeat_timeout,
             dead_message_ttl=dead_message_ttl,
@@ -208,6 +209,7 @@ class SqlBroker(dramatiq.Broker):
             if self.is_postgres:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(self._lock_key)))
             self.metadata.create_all(conn, checkfirst=True)
+            ensure_ordering_schema(conn, self.messages)
 
     def drop_tables(self) -> None:
         """Drop the broker's tables (tests and uninstall)."""
@@ -306,45 +308,18 @@ class SqlBroker(dramatiq.Broker):
             stored.append(message)
         rows = [message_row(message, delay) for message in stored]
         if rows:
-            self._write_with_retry(rows)
+            write_rows(
+                rows,
+                engine=self.engine,
+                statements=self.statements,
+                hub=self.hub,
+                ordering=self.ordering,
+                listen=self.listen,
+                logger=self.logger,
+            )
         for message in stored:
             self.emit_after("enqueue", message, delay)
         return stored
-
-    def _write_with_retry(self, rows: list[dict[str, Any]]) -> None:
-        queues = sorted({row["queue_name"] for row in rows})
-        attempt = 0
-        while True:
-            try:
-                if self.is_postgres and len(rows) == 1 and ambient_connection(self.engine) is None:
-                    # One message outside atomic(): one autocommitted statement
-                    # that inserts and notifies, a single round trip.
-                    with self.statements.autocommit.connect() as conn:
-                        st = self.statements
-                        conn.execute(st.insert_notify if self.listen else st.insert, rows[0])
-                        conn.commit()
-                    self.hub.wake(queues)
-                    return
-                with transaction(self.engine) as conn:
-                    if self.is_postgres and len(rows) > 1:
-                        # One statement over arrays: the server builds the rows,
-                        # instead of one pipelined INSERT per message.
-                        assert self.statements.insert_unnest is not None
-                        conn.exec_driver_sql(self.statements.insert_unnest, batch_columns(rows))
-                    else:
-                        conn.execute(self.statements.insert, rows)
-                    self.hub.notify_on(conn, queues)
-                return
-            except sa.exc.DBAPIError as exc:
-                attempt += 1
-                transient = is_transient(self.engine, exc)
-                if not transient:
-                    raise
-                # Inside atomic() the caller's transaction is gone; only they can retry.
-                if ambient_connection(self.engine) is not None or attempt >= ENQUEUE_ATTEMPTS:
-                    raise closed(exc) from exc
-                self.logger.warning("enqueue failed (%s), retrying (attempt %d)", exc, attempt)
-                time.sleep(min(0.1 * 2**attempt, 3.0) * _random.uniform(0.5, 1.0))
 
     def flush(self, queue_name: str) -> None:
         """Delete every message of ``queue_name`` and its delay queue, dead ones included."""
@@ -374,7 +349,7 @@ class SqlBroker(dramatiq.Broker):
         count = (
             sa.select(sa.func.count())
             .select_from(m)
-            .where(m.c.queue_name.in_(names), m.c.state.in_((QUEUED, CONSUMED)))
+            .where(m.c.queue_name.in_(names), m.c.state.in_((QUEUED, CONSUMED, WAITING)))
         )
         deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while True:
@@ -417,7 +392,13 @@ class SqlBroker(dramatiq.Broker):
             How many messages were requeued.  Undecodable rows stay dead.
         """
         return _deadletters.requeue_dead(
-            self.engine, self.messages, self.statements, self.hub, queue_name, message_ids
+            self.engine,
+            self.messages,
+            self.statements,
+            self.hub,
+            queue_name,
+            message_ids,
+            ordering=self.ordering,
         )
 
     # -- wake-ups ----------------------------------------------------------------

@@ -22,6 +22,7 @@ tolerate (they de-duplicate by activity id).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -198,6 +199,8 @@ def fan_out(
     blocked = unavailable_hosts(kv)
     progress_key = _progress_key(username, activity_id)
     cursor = kv.get(progress_key)
+    stored = kv.get(activity_key(username, activity_id))
+    object_id = _object_id(stored) if isinstance(stored, dict) else activity_id
     stats = FanoutStats()
     batch: list[dramatiq.Message[Any]] = []
     seen: set[str] = set()
@@ -224,7 +227,11 @@ def fan_out(
         if blocked and _host(url) in blocked:
             stats.skipped += 1
             continue
-        batch.append(deliver.message(username, activity_id, url))
+        batch.append(
+            deliver.message_with_options(
+                args=(username, activity_id, url), ordering_key=ordering_key(object_id, url)
+            )
+        )
         stats.inboxes += 1
         if len(batch) >= batch_size:
             flush()
@@ -289,6 +296,26 @@ def _activity_id(activity: Mapping[str, Any]) -> str:
     return activity_id
 
 
+def _object_id(activity: Mapping[str, Any]) -> str:
+    """The id of what ``activity`` is about (its ``object``), else its own id."""
+    obj = activity.get("object")
+    if isinstance(obj, Mapping):
+        obj = obj.get("id")
+    return obj if isinstance(obj, str) and obj else str(activity.get("id"))
+
+
+def ordering_key(*parts: str) -> str:
+    """The ``ordering_key`` of the jobs about ``parts`` (e.g. an object id and an inbox).
+
+    Create, Update and Delete of one note share their object id, so their
+    fan-outs run in publish order and their deliveries reach each inbox in
+    that order, even when the first one is retried (the broker holds the
+    later ones back).  Hashed: ids and URLs can be longer than a key may be.
+    """
+    digest = hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()[:40]
+    return f"botkit:{digest}"
+
+
 def _store(federation: FederationLike, activity: Mapping[str, Any]) -> str:
     activity_id = _activity_id(activity)
     opts = federation.delivery_options or DeliveryOptions()
@@ -306,7 +333,9 @@ def enqueue_fanout(federation: FederationLike, activity: Mapping[str, Any]) -> s
         ValueError: The activity has no string ``id``.
     """
     activity_id = _store(federation, activity)
-    federation.broker.get_actor(FANOUT_ACTOR_NAME).send(federation.username, activity_id)
+    federation.broker.get_actor(FANOUT_ACTOR_NAME).send_with_options(
+        args=(federation.username, activity_id), ordering_key=ordering_key(_object_id(activity))
+    )
     return activity_id
 
 
@@ -332,10 +361,15 @@ def send(federation: FederationLike, activity: Mapping[str, Any], inboxes: Itera
         _store(federation, activity)
     deliver = federation.broker.get_actor(DELIVER_ACTOR_NAME)
     body = dict(activity)
+    object_id = _object_id(activity)
     messages = [
-        deliver.message(federation.username, activity_id, url, body)
-        if inline
-        else deliver.message(federation.username, activity_id, url, direct=True)
+        deliver.message_with_options(
+            args=(federation.username, activity_id, url, body)
+            if inline
+            else (federation.username, activity_id, url),
+            kwargs=None if inline else {"direct": True},
+            ordering_key=ordering_key(object_id, url),
+        )
         for url in urls
     ]
     if messages:

@@ -94,6 +94,8 @@ class SqlInspector(Inspector):
             delay_queue = queue_name.endswith(".DQ")
             if state == "queued":
                 entry["ready" if is_due and not delay_queue else "delayed"] += n
+            elif state == "waiting":  # behind an earlier message of its ordering key
+                entry["delayed"] += n
             elif state == "consumed":
                 entry["in_flight"] += n
             elif state == "dead":

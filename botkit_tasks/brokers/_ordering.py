@@ -1,0 +1,239 @@
+"""Ordering keys on :class:`~botkit_tasks.brokers.sql.SqlBroker`: one message per key at a time.
+
+A message sent with ``send_with_options(ordering_key="…")`` is stored in the
+state ``waiting``, which no claim ever looks at (the ready index covers
+``queued`` rows only), so ordering costs the claims of unkeyed messages
+nothing.  Per key, at most one row is the *head*: ``queued`` or ``consumed``.
+Whenever the head may have gone (an ack, a dead letter, a requeue) and
+whenever a keyed message arrives, the key is *released*: if it has no head,
+its waiting row with the smallest ``ordering_seq`` becomes ``queued``.
+
+``ordering_seq`` is the enqueue order: the row id of the message's first
+delivery.  A retry or a delayed message's move from ``X.DQ`` to ``X`` is a new
+row under the same ``message_id``, inserted while the old row still exists; it
+inherits the old row's ``ordering_seq``, so it becomes the head again before
+any later message of its key.  A head that keeps failing therefore holds its
+successors back until it succeeds or is dead-lettered; dead letters are not
+heads.
+
+Concurrency: every transaction that inserts or releases rows of a key first
+takes a transaction-scoped lock on it (PostgreSQL ``pg_advisory_xact_lock``,
+which transaction poolers allow; SQLite serializes writers anyway), so a
+release always sees the inserts of the transactions before it.  Locks on
+several keys are taken in one sorted order.  A maintenance sweep releases any
+key left without a head (a crash between a dead letter and its release, an
+undecodable head), so no key stays stuck.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.engine import Connection, Engine
+
+from .._sql import transaction
+from ._dberrors import closed, is_transient
+from ._hub import Hub
+from ._schema import CONSUMED, QUEUED, WAITING, Statements
+
+__all__ = ["SqlOrdering", "ensure_ordering_schema"]
+
+
+def ensure_ordering_schema(conn: Connection, messages: sa.Table) -> None:
+    """Add the ordering columns and index to a messages table created before them."""
+    present = {column["name"] for column in sa.inspect(conn).get_columns(messages.name)}
+    preparer = conn.dialect.identifier_preparer
+    for name in ("ordering_key", "ordering_seq"):
+        if name not in present:
+            column = messages.c[name]
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(
+                f"ALTER TABLE {preparer.format_table(messages)} "
+                f"ADD COLUMN {preparer.quote(name)} {kind}"
+            )
+    for index in messages.indexes:
+        if index.name and index.name.endswith("_order_idx"):
+            index.create(conn, checkfirst=True)
+
+
+def _lock_id(prefix: str, key: str) -> int:
+    digest = hashlib.sha1(f"{prefix}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class SqlOrdering:
+    """The ordering-key statements and hooks of one broker (see the module docstring)."""
+
+    def __init__(
+        self, engine: Engine, messages: sa.Table, statements: Statements, hub: Hub[Any], prefix: str
+    ) -> None:
+        self.engine = engine
+        self.postgres = engine.dialect.name == "postgresql"
+        self.hub = hub
+        self.prefix = prefix
+        m = messages
+        now = statements.now
+        o, w, h = m.alias("o"), m.alias("w"), m.alias("h")
+        first_seq = (
+            sa.select(sa.func.min(o.c.ordering_seq))
+            .where(
+                o.c.message_id == sa.bindparam("seq_message_id"),
+                o.c.ordering_key == sa.bindparam("seq_key"),
+            )
+            .scalar_subquery()
+        )
+        self._insert = m.insert().values(
+            available_at=now + sa.bindparam("delay_ms", type_=sa.BigInteger),
+            enqueued_at=now,
+            state=WAITING,
+            ordering_seq=first_seq,
+        )
+        self._number = (
+            m.update()
+            .where(
+                m.c.ordering_key.in_(sa.bindparam("keys", expanding=True)),
+                m.c.state == WAITING,
+                m.c.ordering_seq.is_(None),
+            )
+            .values(ordering_seq=m.c.id)
+        )
+        key = sa.bindparam("key", type_=sa.String)
+        next_row = (
+            sa.select(w.c.id)
+            .where(w.c.ordering_key == key, w.c.state == WAITING)
+            .order_by(w.c.ordering_seq, w.c.id)
+            .limit(1)
+            .scalar_subquery()
+        )
+        head = sa.exists().where(h.c.ordering_key == key, h.c.state.in_([QUEUED, CONSUMED]))
+        self._release = (
+            m.update()
+            .where(m.c.id == next_row, ~head)
+            .values(state=QUEUED)
+            .returning(m.c.queue_name)
+        )
+        self._delete = m.delete().where(m.c.id == sa.bindparam("row_id"))
+        self._stuck = (
+            sa.select(w.c.ordering_key)
+            .where(
+                w.c.ordering_key.isnot(None),
+                w.c.state == WAITING,
+                ~sa.exists().where(
+                    h.c.ordering_key == w.c.ordering_key, h.c.state.in_([QUEUED, CONSUMED])
+                ),
+            )
+            .distinct()
+        )
+        self._to_waiting = (
+            m.update()
+            .where(m.c.id.in_(sa.bindparam("ids", expanding=True)), m.c.ordering_key.isnot(None))
+            .values(state=WAITING)
+            .returning(m.c.ordering_key)
+        )
+        self._lock_many = sa.text(
+            "SELECT count(pg_advisory_xact_lock(k)) FROM "
+            "(SELECT unnest(CAST(:locks AS bigint[])) AS k ORDER BY 1) AS sorted"
+        ).bindparams(sa.bindparam("locks", type_=pg_dialect.ARRAY(sa.BigInteger)))
+        # An ack needs no durable commit (losing it reruns the message, and the
+        # release it made is lost with it), as on the consumers' connections.
+        self._lock_one_async = sa.text(
+            "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(:lock)"
+        )
+
+    # -- locking and releasing ------------------------------------------------
+
+    def lock(self, conn: Connection, keys: Iterable[str]) -> list[str]:
+        """Lock ``keys`` for the rest of the transaction; returns them sorted, unique."""
+        unique = sorted(set(keys))
+        if self.postgres and unique:
+            locks = [_lock_id(self.prefix, k) for k in unique]
+            conn.execute(self._lock_many, {"locks": locks})
+        return unique
+
+    def release(self, conn: Connection, keys: Iterable[str]) -> list[str]:
+        """Make the next waiting row of each headless key ``queued``; its queues.
+
+        The keys must be locked in this transaction.
+        """
+        queues: list[str] = []
+        for key in keys:
+            queues.extend(conn.execute(self._release, {"key": key}).scalars())
+        return queues
+
+    def release_in(self, conn: Connection, keys: Iterable[str]) -> list[str]:
+        """Lock and release ``keys`` on a transaction not opened by ``transaction()``.
+
+        PostgreSQL consumers are notified at its commit; the caller wakes this
+        process (and SQLite's others) with the returned queues after the commit.
+        """
+        queues = self.release(conn, self.lock(conn, keys))
+        if queues:
+            self.hub.notify_on(conn, sorted(set(queues)), local=False)
+        return queues
+
+    # -- the broker's hooks ---------------------------------------------------
+
+    def insert(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """Store keyed rows as ``waiting``, number them, release their keys."""
+        keys = self.lock(conn, (row["ordering_key"] for row in rows))
+        conn.execute(
+            self._insert,
+            [
+                {**row, "seq_message_id": row["message_id"], "seq_key": row["ordering_key"]}
+                for row in rows
+            ],
+        )
+        conn.execute(self._number, {"keys": keys})
+        queues = self.release(conn, keys)
+        if queues:
+            self.hub.notify_on(conn, sorted(set(queues)))
+
+    def ack(self, row_id: int, key: str | None) -> None:
+        """Record an ack: grouped by the hub when unkeyed, else deleted at once.
+
+        A keyed row is deleted in a transaction of its own that hands its key
+        to the next message: the successor must not wait for a grouped flush.
+        """
+        if key is None:
+            self.hub.add_ack(row_id)
+            return
+        self._locked_release(key, delete=row_id)
+
+    def dead_lettered(self, key: str) -> None:
+        """Hand ``key`` on after its head became a dead letter."""
+        self._locked_release(key, delete=None)
+
+    def _locked_release(self, key: str, *, delete: int | None) -> None:
+        try:
+            with transaction(self.engine) as conn:
+                if self.postgres:
+                    conn.execute(self._lock_one_async, {"lock": _lock_id(self.prefix, key)})
+                if delete is not None:
+                    conn.execute(self._delete, {"row_id": delete})
+                queues = self.release(conn, [key])
+                if queues:
+                    self.hub.notify_on(conn, queues)
+        except sa.exc.DBAPIError as exc:
+            if is_transient(self.engine, exc):
+                raise closed(exc) from exc
+            raise
+
+    def requeued(self, conn: Connection, row_ids: Sequence[int]) -> list[str]:
+        """Turn just-requeued keyed dead letters back into ``waiting`` rows and release.
+
+        A requeued dead letter keeps its ``ordering_seq``: it runs after its
+        key's current head, before the messages sent after it.
+        """
+        if not row_ids:
+            return []
+        keys = list(conn.execute(self._to_waiting, {"ids": list(row_ids)}).scalars())
+        return self.release_in(conn, keys) if keys else []
+
+    def sweep(self, conn: Connection) -> list[str]:
+        """Release every key that has waiting rows and no head (maintenance)."""
+        stuck = list(conn.execute(self._stuck).scalars())
+        return self.release_in(conn, stuck) if stuck else []

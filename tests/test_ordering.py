@@ -1,0 +1,329 @@
+"""Ordering keys: per key one message at a time, in enqueue order, on every broker.
+
+``send_with_options(ordering_key=…)`` on SqlBroker (PostgreSQL directly and
+through PgBouncer, SQLite) and on RedisBroker with the ``OrderingKeys``
+middleware.  The main specification runs three ``dramatiq`` worker processes
+of eight threads over 50 keys x 40 messages with random failures and retries.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import dramatiq
+import pytest
+from _broker_support import dramatiq_cli, make_event_log, wait_until
+from conftest import unique_name
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.message import Message
+from dramatiq.middleware import Retries
+
+from botkit_tasks.brokers import SqlBroker
+from botkit_tasks.brokers.ordering import OrderingKeys
+from botkit_tasks.kv import MemoryKvStore, RedisKvStore
+
+pytestmark = pytest.mark.timeout(240)
+
+KINDS = ["postgres", "pgbouncer", "sqlite", "redis"]
+URLS = {
+    "postgres": "database_url",
+    "pgbouncer": "pgbouncer_url",
+    "sqlite": "sqlite_url",
+    "redis": "redis_url",
+}
+
+
+class Setup:
+    """A producer-side broker of one kind with the ``step``/``doomed`` actors declared."""
+
+    def __init__(self, kind: str, url: str) -> None:
+        self.kind, self.url = kind, url
+        self.prefix = unique_name("ord") + "_"
+        self.queue = unique_name("q")
+        self.broker: Any
+        if kind == "redis":
+            self.broker = RedisBroker(url=url, namespace=self.prefix)
+            self.kv = RedisKvStore(url, key_prefix=f"{self.prefix}:kv:")
+            self.broker.add_middleware(OrderingKeys(self.kv, max_defer=0.1), before=Retries)
+        else:
+            self.broker = SqlBroker(url, table_prefix=self.prefix, listen=kind != "pgbouncer")
+        self.events = make_event_log("redis" if kind == "redis" else "sql", url, self.prefix)
+        for name in ("step", "doomed"):
+            dramatiq.actor(
+                lambda key, i: None, broker=self.broker, actor_name=name, queue_name=self.queue
+            )
+
+    def message(self, actor: str, key: str, i: int) -> Message[Any]:
+        return Message(
+            queue_name=self.queue,
+            actor_name=actor,
+            args=(key, i),
+            kwargs={},
+            options={"ordering_key": key},
+        )
+
+    def env(self, fail_rate: float) -> dict[str, str]:
+        return {
+            "BOTKIT_BROKER_KIND": "redis" if self.kind == "redis" else "sql",
+            "BOTKIT_BROKER_URL": self.url,
+            "BOTKIT_BROKER_PREFIX": self.prefix,
+            "BOTKIT_BROKER_QUEUE": self.queue,
+            "BOTKIT_FAIL_RATE": str(fail_rate),
+            "BOTKIT_PG_LISTEN": "0" if self.kind == "pgbouncer" else "1",
+        }
+
+    def cleanup(self) -> None:
+        self.events.drop()
+        if self.kind == "redis":
+            for key in self.broker.client.scan_iter(f"{self.prefix}*"):
+                self.broker.client.delete(key)
+            self.kv.close()
+        else:
+            self.broker.drop_tables()
+        self.broker.close()
+
+
+@pytest.fixture(params=KINDS)
+def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    s = Setup(request.param, request.getfixturevalue(URLS[request.param]))
+    try:
+        yield s
+    finally:
+        s.cleanup()
+
+
+def check_per_key(events: list[tuple[str, int, str]], count: int, dead: set[str]) -> None:
+    """Per key: start/outcome pairs never overlap, and successes come in order 0..count-1."""
+    by_key: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for key, i, event in events:
+        by_key[key].append((i, event))
+    for key, seq in by_key.items():
+        # one at a time: every start is followed by that same message's outcome
+        for (i, first), (j, second) in zip(seq[::2], seq[1::2], strict=False):
+            assert first == "start" and second in ("end", "fail") and i == j, (key, seq)
+        assert len(seq) % 2 == 0, (key, seq)
+        done = [i for i, event in seq if event == "end"]
+        expected = list(range(1, count)) if key in dead else list(range(count))
+        assert done == expected, (key, done)
+        if key in dead:
+            # the head failed three times (dead-lettered) before anything else started
+            assert seq[:6] == [(0, "start"), (0, "fail")] * 3, (key, seq[:8])
+
+
+@pytest.mark.slow
+def test_three_workers_keep_per_key_order_through_random_failures(
+    setup: Setup, tmp_path: Path
+) -> None:
+    # Given 50 keys x 40 messages enqueued round-robin (so keys interleave), two of the
+    # keys led by a message that always fails and is dead-lettered after 2 retries
+    keys = [f"key{n}" for n in range(48)] + ["dead-a", "dead-b"]
+    messages = [
+        setup.message("doomed" if key.startswith("dead") and i == 0 else "step", key, i)
+        for i in range(40)
+        for key in keys
+    ]
+    if setup.kind == "redis":
+        for message in messages:
+            setup.broker.enqueue(message)
+    else:
+        half = len(messages) // 2
+        for message in messages[:half]:
+            setup.broker.enqueue(message)
+        for start in range(half, len(messages), 250):
+            setup.broker.enqueue_many(messages[start : start + 250])
+
+    # When three worker processes of eight threads run them, 15% of attempts failing
+    def finished() -> bool:
+        return sum(e == "end" for _, _, e in setup.events.all()) >= 50 * 40 - 2
+
+    with ExitStack() as stack:
+        for n in range(3):
+            log = tmp_path / f"worker{n}.log"
+            stack.enter_context(
+                dramatiq_cli(
+                    "tests.broker_apps.ordered", setup.env(0.15), "-p", "1", "-t", "8", log=log
+                )
+            )
+        if not wait_until(finished, 180, interval=0.5):
+            done = defaultdict(int)
+            for key, _, event in setup.events.all():
+                done[key] += event == "end"
+            behind = {key: n for key, n in done.items() if n < 40}
+            detail = {
+                key: [(i, e) for k, i, e in setup.events.all() if k == key][-6:]
+                + ([setup.kv.get(("botkit-ordering", key))] if setup.kind == "redis" else [])
+                for key in behind
+                if not key.startswith("dead")
+            }
+            pytest.fail(f"not finished in 180 s; successes per unfinished key: {behind} {detail}")
+
+    # Then per key the messages ran one at a time, in enqueue order, and none was lost;
+    # the dead-lettered heads released the rest of their keys
+    check_per_key(setup.events.all(), 40, dead={"dead-a", "dead-b"})
+
+
+def test_a_retrying_head_does_not_slow_other_keys_or_unkeyed_messages(
+    setup: Setup,
+) -> None:
+    broker = setup.broker
+    ran: dict[str, float] = {}
+    attempts: list[float] = []
+    queue = unique_name("q")
+
+    @dramatiq.actor(
+        broker=broker, queue_name=queue, max_retries=1, min_backoff=1500, max_backoff=1500
+    )
+    def slow_head() -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails; the retry comes 1.5 s later")
+        ran["head"] = time.monotonic()
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def mark(name: str) -> None:
+        ran[name] = time.monotonic()
+
+    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+    worker.start()
+    try:
+        # Given key A whose head fails and retries in 1.5 s
+        slow_head.send_with_options(ordering_key="A")
+        assert wait_until(lambda: len(attempts) == 1, 10)
+        sent = time.monotonic()
+        # When A's successor, a key-B message and an unkeyed message are sent
+        mark.send_with_options(args=("A-next",), ordering_key="A")
+        mark.send_with_options(args=("B",), ordering_key="B")
+        mark.send("plain")
+        # Then B and the unkeyed one run at once, A's successor only after its head
+        assert wait_until(lambda: {"B", "plain"} <= ran.keys(), 5)
+        assert ran["B"] - sent < 1.0 and ran["plain"] - sent < 1.0  # the retry is 1.5 s away
+        assert wait_until(lambda: "A-next" in ran, 10)
+        assert ran["head"] < ran["A-next"]
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("key", "error"),
+    [
+        (123, TypeError),
+        (("obj", "inbox"), TypeError),
+        ("", ValueError),
+        ("x" * 256, ValueError),
+        ("a\x00b", ValueError),
+        ("\ud800", ValueError),
+    ],
+)
+def test_a_bad_ordering_key_is_refused_and_nothing_is_written(
+    setup: Setup, key: object, error: type[Exception]
+) -> None:
+    broker = setup.broker
+    good = setup.message("step", "fine", 0)
+    bad = setup.message("step", "x", 1)
+    bad.options["ordering_key"] = key
+    with pytest.raises(error, match="ordering_key"):
+        if isinstance(broker, SqlBroker):
+            broker.enqueue_many([good, bad])
+        else:
+            broker.enqueue(bad)
+    if isinstance(broker, SqlBroker):
+        broker.join(setup.queue, timeout=100)  # nothing queued: returns at once
+
+
+def test_ordering_middleware_on_stub_broker_in_process() -> None:
+    # Given a StubBroker with the middleware on an in-memory store
+    broker = StubBroker()
+    broker.add_middleware(OrderingKeys(MemoryKvStore(), max_defer=0.05), before=Retries)
+    broker.emit_after("process_boot")
+    log: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    rng = random.Random(7)
+
+    @dramatiq.actor(broker=broker, max_retries=30, min_backoff=5, max_backoff=20)
+    def work(key: str, i: int) -> None:
+        with lock:
+            if rng.random() < 0.2:
+                raise RuntimeError("flaky")
+            log.append((key, i))
+
+    for i in range(15):
+        for key in ("a", "b", "c"):
+            work.send_with_options(args=(key, i), ordering_key=key)
+    worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=50)
+    worker.start()
+    try:
+        assert wait_until(lambda: len(log) == 45, 60)
+    finally:
+        worker.stop()
+    # Then each key ran in order
+    for key in ("a", "b", "c"):
+        assert [i for k, i in log if k == key] == list(range(15))
+
+
+def test_a_key_left_without_head_is_released_by_maintenance(sqlite_url: str) -> None:
+    # Given a key whose head became a dead letter without releasing the key
+    # (as after a crash between the two), and a worker with frequent maintenance
+    broker = SqlBroker(sqlite_url, table_prefix=unique_name("ord") + "_", heartbeat_timeout=0.4)
+    ran: list[int] = []
+
+    @dramatiq.actor(broker=broker, max_retries=0)
+    def note(i: int) -> None:
+        ran.append(i)
+
+    try:
+        for i in range(3):
+            note.send_with_options(args=(i,), ordering_key="k")
+        m = broker.messages
+        with broker.engine.begin() as conn:
+            conn.execute(m.update().where(m.c.state == "queued").values(state="dead"))
+        # When a worker runs
+        worker = dramatiq.Worker(broker, worker_timeout=100)
+        worker.start()
+        try:
+            # Then maintenance hands the key on and the rest run in order
+            assert wait_until(lambda: ran == [1, 2], 10), ran
+        finally:
+            worker.stop()
+    finally:
+        broker.drop_tables()
+        broker.close()
+
+
+def test_tables_made_before_ordering_keys_gain_the_columns(sqlite_url: str) -> None:
+    import sqlalchemy as sa
+
+    # Given a messages table without the ordering columns (an older version's)
+    prefix = unique_name("ord") + "_"
+    broker = SqlBroker(sqlite_url, table_prefix=prefix)
+    with broker.engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP INDEX {prefix}messages_order_idx")
+        conn.exec_driver_sql(f"ALTER TABLE {prefix}messages DROP COLUMN ordering_key")
+        conn.exec_driver_sql(f"ALTER TABLE {prefix}messages DROP COLUMN ordering_seq")
+    broker.close()
+    # When a broker starts on it
+    broker = SqlBroker(sqlite_url, table_prefix=prefix)
+    try:
+        with broker.engine.connect() as conn:
+            columns = {c["name"] for c in sa.inspect(conn).get_columns(f"{prefix}messages")}
+        # Then the columns are back and keyed messages can be stored
+        assert {"ordering_key", "ordering_seq"} <= columns
+        broker.enqueue(
+            Message(
+                queue_name="default",
+                actor_name="a",
+                args=(),
+                kwargs={},
+                options={"ordering_key": "k"},
+            )
+        )
+    finally:
+        broker.drop_tables()
+        broker.close()
