@@ -91,3 +91,17 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def send_jobs(broker_url: str, options: dict[str, object], queue: str, jobs: range) -> None:
+    """Publish ``counting.work(i)`` for every ``i`` in ``jobs`` to ``queue``."""
+    from celery import Celery
+
+    import botkit_tasks.runners.kombu_sql  # noqa: F401  (registers botkit+… URLs)
+
+    app = Celery("sender", broker=broker_url, set_as_current=False)
+    app.conf.broker_transport_options = options
+    with app.producer_or_acquire() as producer:
+        for job in jobs:
+            app.send_task("counting.work", args=[job], queue=queue, producer=producer)
+    app.close()
