@@ -95,6 +95,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 def send_jobs(broker_url: str, options: dict[str, object], queue: str, jobs: range) -> None:
     """Publish ``counting.work(i)`` for every ``i`` in ``jobs`` to ``queue``."""
+    send_tasks(broker_url, options, queue, "counting.work", [[job] for job in jobs])
+
+
+def send_tasks(
+    broker_url: str, options: dict[str, object], queue: str, name: str, calls: list[list[object]]
+) -> list[str]:
+    """Publish task ``name`` once per argument list in ``calls``; return the task ids."""
     from celery import Celery
 
     import botkit_tasks.runners.kombu_sql  # noqa: F401  (registers botkit+… URLs)
@@ -102,6 +109,6 @@ def send_jobs(broker_url: str, options: dict[str, object], queue: str, jobs: ran
     app = Celery("sender", broker=broker_url, set_as_current=False)
     app.conf.broker_transport_options = options
     with app.producer_or_acquire() as producer:
-        for job in jobs:
-            app.send_task("counting.work", args=[job], queue=queue, producer=producer)
+        ids = [app.send_task(name, args=args, queue=queue, producer=producer).id for args in calls]
     app.close()
+    return ids

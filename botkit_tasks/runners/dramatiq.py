@@ -11,6 +11,7 @@ A retry that would go past ``max_retries`` is dead-lettered by the middleware.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import dramatiq
@@ -53,7 +54,8 @@ def declare_actor(spec: JobSpec, broker: dramatiq.Broker) -> dramatiq.Actor[...,
             delay = None if exc.delay is None else int(min(exc.delay, cap) * 1000)
             raise dramatiq.Retry(exc.reason, delay=delay) from exc
 
-    run.__name__ = run.__qualname__ = spec.name
+    # Celery compiles a signature from the name: it must be an identifier.
+    run.__name__ = run.__qualname__ = re.sub(r"\W", "_", spec.name)
     run.__doc__ = spec.body.__doc__
     actor: dramatiq.Actor[..., Any] = dramatiq.actor(
         actor_name=spec.name, queue_name=spec.queue, broker=broker, **options
