@@ -29,6 +29,12 @@ both when both add-ons are attached), ``BOTKIT_BACKEND`` must say which one hold
 the bot's state and queue: ``postgres``, ``redis`` or ``sqlite``.  Guessing would
 silently put the queue somewhere the operator does not look.
 
+``BOTKIT_PG_LISTEN=0`` (or ``false``/``no``/``off``) builds the PostgreSQL
+``SqlBroker`` with ``listen=False``, for a ``DATABASE_URL`` that points at a
+transaction pooler (PgBouncer in ``transaction`` mode, RDS Proxy, Supabase's
+pooler): no ``LISTEN``, no session state, no prepared statements; workers in
+other processes poll every second.  It has no effect on SQLite.
+
 Every malformed value raises :class:`~botkit_tasks.errors.ConfigurationError`
 whose message starts with the variable's name.  Passwords never appear in
 messages or in :attr:`Backends.url`.
@@ -147,24 +153,38 @@ def from_env(environ: Mapping[str, str] | None = None) -> Backends:
         if kind == "postgresql":
             if database_url is None:
                 raise ConfigurationError("BOTKIT_BACKEND: 'postgres' needs DATABASE_URL to be set")
-            return _sql_backends(database_url, "DATABASE_URL", prefix)
+            return _sql_backends(database_url, "DATABASE_URL", prefix, _pg_listen(env))
         if kind == "redis":
             if redis_url is None:
                 raise ConfigurationError(
                     "BOTKIT_BACKEND: 'redis' needs REDIS_URL or REDIS_HOST to be set"
                 )
             return _redis_backends(redis_url, prefix)
-        return _sql_backends(_sqlite_url(env), "BOTKIT_SQLITE_PATH", prefix)
+        return _sql_backends(_sqlite_url(env), "BOTKIT_SQLITE_PATH", prefix, True)
     if database_url is not None and redis_url is not None:
         raise ConfigurationError(
             "DATABASE_URL and REDIS_URL/REDIS_HOST are both set: set BOTKIT_BACKEND to "
             "'postgres' or 'redis' to choose where the bot's state and queue live"
         )
     if database_url is not None:
-        return _sql_backends(database_url, "DATABASE_URL", prefix)
+        return _sql_backends(database_url, "DATABASE_URL", prefix, _pg_listen(env))
     if redis_url is not None:
         return _redis_backends(redis_url, prefix)
-    return _sql_backends(_sqlite_url(env), "BOTKIT_SQLITE_PATH", prefix)
+    return _sql_backends(_sqlite_url(env), "BOTKIT_SQLITE_PATH", prefix, True)
+
+
+def _pg_listen(env: Mapping[str, str]) -> bool:
+    """``BOTKIT_PG_LISTEN``: whether the PostgreSQL broker may hold session state."""
+    raw = env.get("BOTKIT_PG_LISTEN")
+    if raw is None:
+        return True
+    flag = raw.strip().lower()
+    if flag not in _TRUE | _FALSE:
+        raise ConfigurationError(
+            f"BOTKIT_PG_LISTEN: {raw!r} is not a boolean (true/false, 1/0, yes/no, on/off); "
+            "set it to 0 behind a transaction pooler such as PgBouncer"
+        )
+    return flag in _TRUE
 
 
 def from_urls(
@@ -301,7 +321,7 @@ def _redact(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
 
 
-def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
+def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> Backends:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 
@@ -320,19 +340,26 @@ def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
         # Workers and the web app must see the same queue: a private in-memory
         # database per connection would silently lose every message.
         raise ConfigurationError(f"{variable}: an in-memory SQLite database cannot hold a queue")
+    from .brokers.retry_guard import install_retry_guard
     from .brokers.sql import SqlBroker
     from .kv.sql import SqlKvStore
+    from .monitor.middleware import MonitorMiddleware
 
     prefix = prefix or DEFAULT_PREFIX
+    # Behind a transaction pooler the next transaction may run on another server
+    # connection, which never saw a statement psycopg prepared on this one.
+    pooled = {"connect_args": {"prepare_threshold": None}} if not listen else {}
     try:
-        engine = create_engine(parsed)
+        engine = create_engine(parsed, **(pooled if backend == "postgresql" else {}))
     except (NoSuchModuleError, ImportError) as exc:
         raise ConfigurationError(
             f"{variable}: cannot load the database driver {parsed.drivername!r} ({exc})"
         ) from exc
     try:
         kv = SqlKvStore(engine, table_name=f"{prefix}_kv")
-        broker = SqlBroker(engine, table_prefix=f"{prefix}_")
+        broker = SqlBroker(engine, table_prefix=f"{prefix}_", listen=listen)
+        broker.add_middleware(MonitorMiddleware())
+        install_retry_guard(broker)
     except BaseException as exc:
         engine.dispose()
         cause = getattr(exc, "orig", None) or exc.__cause__ or exc
@@ -354,7 +381,9 @@ def _sql_backends(url: str, variable: str, prefix: str | None) -> Backends:
 def _redis_backends(url: str, prefix: str | None) -> Backends:
     from dramatiq.brokers.redis import RedisBroker
 
+    from .brokers.retry_guard import install_retry_guard
     from .kv.redis import RedisKvStore
+    from .monitor.middleware import MonitorMiddleware
 
     try:
         kv = RedisKvStore(url, key_prefix=f"{prefix or DEFAULT_PREFIX}:")
@@ -364,6 +393,8 @@ def _redis_backends(url: str, prefix: str | None) -> Backends:
         raise ConfigurationError(f"REDIS_URL: {exc} ({_redact(url)!r})") from exc
     try:
         broker = RedisBroker(url=url, namespace=prefix or "dramatiq")  # type: ignore[no-untyped-call]
+        broker.add_middleware(MonitorMiddleware())
+        install_retry_guard(broker)
     except BaseException:
         kv.close()
         raise

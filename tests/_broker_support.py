@@ -23,7 +23,11 @@ class SqlCounter:
     def __init__(self, url: str, prefix: str) -> None:
         from botkit_tasks._sql import create_engine
 
-        self.engine = create_engine(url)
+        # No prepared statements: the URL may point at PgBouncer in transaction mode.
+        postgres = sa.make_url(url).get_backend_name() == "postgresql"
+        self.engine = create_engine(
+            url, connect_args={"prepare_threshold": None} if postgres else {}
+        )
         self.table = sa.Table(
             f"{prefix}runs",
             sa.MetaData(),

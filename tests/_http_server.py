@@ -26,16 +26,22 @@ Usage::
 
 The server is a ``ThreadingHTTPServer`` bound to ``127.0.0.1:0`` serving in a
 daemon thread; ``close()`` (or leaving the ``with`` block) stops it.
+``ScriptedServer(tls=context)`` serves HTTPS with a server-side
+``ssl.SSLContext``; handshakes that fail are counted in ``tls_failures``
+instead of being printed.
 """
 
 from __future__ import annotations
 
+import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Any
 
 __all__ = ["Reply", "Request", "ScriptedServer", "closed_port"]
 
@@ -90,14 +96,20 @@ Handler = Callable[[Request], Reply]
 class ScriptedServer:
     """A local HTTP server whose answers are scripted per path (see module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self._lock = threading.Lock()
+        self.tls_failures = 0
         self._scripts: dict[str, list[Reply]] = {}
         self._handlers: dict[str, Handler] = {}
         self._requests: list[Request] = []
         self._closing = threading.Event()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._make_handler())
+        self._httpd = _Server(self, ("127.0.0.1", 0), self._make_handler())
         self._httpd.daemon_threads = True
+        if tls is not None:
+            # The handshake runs on the handler thread, not in the accept loop.
+            self._httpd.socket = tls.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -198,6 +210,19 @@ class ScriptedServer:
                 pass
 
         return _Handler
+
+
+class _Server(ThreadingHTTPServer):
+    def __init__(self, owner: ScriptedServer, *args: Any, **kwargs: Any) -> None:
+        self.owner = owner
+        super().__init__(*args, **kwargs)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionResetError)):
+            with self.owner._lock:
+                self.owner.tls_failures += 1
+            return
+        super().handle_error(request, client_address)
 
 
 def _generated(size: int) -> Iterator[bytes]:

@@ -72,6 +72,17 @@ def redis_url() -> str:
     return url
 
 
+@pytest.fixture(scope="session")
+def pgbouncer_url(database_url: str) -> Iterator[str]:
+    """URL of the test database through a PgBouncer in transaction mode, started here."""
+    from _pgbouncer import find_pgbouncer, running_pgbouncer
+
+    if find_pgbouncer() is None:
+        _unavailable("PgBouncer", "the pgbouncer executable is not installed")
+    with running_pgbouncer(database_url) as url:
+        yield url
+
+
 @pytest.fixture
 def sqlite_url(tmp_path: object) -> Iterator[str]:
     """URL of a fresh SQLite file in the test's temporary directory."""

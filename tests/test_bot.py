@@ -25,7 +25,8 @@ from dramatiq.brokers.stub import StubBroker
 
 from botkit_tasks import Bot
 from botkit_tasks.bot import BotContext
-from botkit_tasks.demo import _free_socket, _Server
+from botkit_tasks.demo.servers import Server as _Server
+from botkit_tasks.demo.servers import free_socket as _free_socket
 from botkit_tasks.federation.delivery import DeliveryOptions
 from botkit_tasks.federation.inbox import process_inbox_job
 from botkit_tasks.federation.keys import remote_key_kv_key

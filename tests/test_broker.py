@@ -39,7 +39,7 @@ pytestmark = pytest.mark.timeout(90)
 class Backend:
     """One broker backend under test and everything it created."""
 
-    kind: str  # "postgres" | "sqlite" | "redis"
+    kind: str  # "postgres" | "pgbouncer" (PostgreSQL through it, listen=False) | "sqlite" | "redis"
     url: str
     prefix: str = field(default_factory=lambda: unique_name("bk") + "_")
     brokers: list[Any] = field(default_factory=list)
@@ -50,6 +50,8 @@ class Backend:
         return self.kind != "redis"
 
     def make_broker(self, url_or_engine: Any = None, **kwargs: Any) -> Any:
+        if self.kind == "pgbouncer":
+            kwargs.setdefault("listen", False)
         if self.is_sql:
             broker: Any = SqlBroker(url_or_engine or self.url, table_prefix=self.prefix, **kwargs)
         else:
@@ -68,6 +70,7 @@ class Backend:
             "BOTKIT_BROKER_URL": self.url,
             "BOTKIT_BROKER_PREFIX": self.prefix,
             "BOTKIT_BROKER_QUEUE": queue,
+            "BOTKIT_PG_LISTEN": "0" if self.kind == "pgbouncer" else "1",
         }
 
     def dead_letters(self, broker: Any, queue: str) -> list[Message[Any]]:
@@ -102,7 +105,12 @@ class Backend:
 
 
 def _backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    fixture = {"postgres": "database_url", "sqlite": "sqlite_url", "redis": "redis_url"}
+    fixture = {
+        "postgres": "database_url",
+        "pgbouncer": "pgbouncer_url",
+        "sqlite": "sqlite_url",
+        "redis": "redis_url",
+    }
     backend = Backend(request.param, request.getfixturevalue(fixture[request.param]))
     try:
         yield backend
@@ -110,13 +118,14 @@ def _backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         backend.cleanup()
 
 
-@pytest.fixture(params=["postgres", "sqlite", "redis"])
+@pytest.fixture(params=["postgres", "pgbouncer", "sqlite", "redis"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    """Every broker: SqlBroker on both databases, and RedisBroker as the yardstick."""
+    """Every broker: SqlBroker on both databases (PostgreSQL also through PgBouncer
+    in transaction mode, with ``listen=False``), and RedisBroker as the yardstick."""
     yield from _backend(request)
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
+@pytest.fixture(params=["postgres", "pgbouncer", "sqlite"])
 def sql_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """SqlBroker only, for what RedisBroker does not offer (enqueue_many,
     transactions, a dead-letter TTL in seconds)."""

@@ -19,19 +19,36 @@ import dramatiq.worker
 import pytest
 import sqlalchemy as sa
 from _broker_support import dramatiq_cli, make_counter, wait_until
-from conftest import unique_name
+from conftest import DEFAULT_DATABASE_URL, unique_name
 from dramatiq.message import Message
 
 from botkit_tasks._sql import create_engine
 from botkit_tasks.brokers import SqlBroker
 
+DIRECT_URL = os.environ.get("BOTKIT_TEST_DATABASE_URL", DEFAULT_DATABASE_URL)
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
+_URL_FIXTURES = {"postgres": "database_url", "pgbouncer": "pgbouncer_url", "sqlite": "sqlite_url"}
+
+
+@pytest.fixture(params=["postgres", "pgbouncer", "sqlite"])
 def url(request: pytest.FixtureRequest) -> str:
-    name = "database_url" if request.param == "postgres" else "sqlite_url"
-    return str(request.getfixturevalue(name))
+    """Each database; "pgbouncer" is PostgreSQL through PgBouncer in transaction mode."""
+    return str(request.getfixturevalue(_URL_FIXTURES[request.param]))
+
+
+@pytest.fixture(params=["postgres", "pgbouncer"])
+def pg_url(request: pytest.FixtureRequest) -> str:
+    """PostgreSQL, directly and through PgBouncer in transaction mode."""
+    return str(request.getfixturevalue(_URL_FIXTURES[request.param]))
+
+
+def listen_for(url: str) -> bool:
+    """``listen=False`` when ``url`` is PgBouncer's (its port is not the database's)."""
+    parsed = sa.make_url(url)
+    return parsed.get_backend_name() != "postgresql" or parsed.port == sa.make_url(DIRECT_URL).port
 
 
 @pytest.fixture
@@ -68,7 +85,7 @@ def message(queue: str, actor: str, *args: Any) -> Message[Any]:
 
 def test_sigkilled_worker_messages_run_again(url: str, prefix: str) -> None:
     # Given 300 slow-ish messages and a worker process with a 2 s heartbeat timeout
-    broker = SqlBroker(url, table_prefix=prefix, heartbeat_timeout=2)
+    broker = SqlBroker(url, table_prefix=prefix, heartbeat_timeout=2, listen=listen_for(url))
     counter = make_counter("sql", url, prefix)
     queue = unique_name("q")
     env = {
@@ -78,6 +95,7 @@ def test_sigkilled_worker_messages_run_again(url: str, prefix: str) -> None:
         "BOTKIT_BROKER_QUEUE": queue,
         "BOTKIT_HEARTBEAT_TIMEOUT": "2",
         "BOTKIT_TASK_SLEEP": "0.02",
+        "BOTKIT_PG_LISTEN": "1" if listen_for(url) else "0",
     }
     keys = [f"k{i}" for i in range(300)]
     try:
@@ -106,7 +124,7 @@ def test_sigkilled_worker_messages_run_again(url: str, prefix: str) -> None:
 
 
 def test_undecodable_row_is_dead_lettered_and_others_flow(url: str, prefix: str) -> None:
-    broker = SqlBroker(url, table_prefix=prefix)
+    broker = SqlBroker(url, table_prefix=prefix, listen=listen_for(url))
     queue = unique_name("q")
     seen: list[int] = []
 
@@ -154,10 +172,15 @@ def test_undecodable_row_is_dead_lettered_and_others_flow(url: str, prefix: str)
 
 
 def test_terminated_connections_recover_without_losing_messages(
-    database_url: str, prefix: str, admin: sa.Engine, fast_restart: None
+    pg_url: str, prefix: str, admin: sa.Engine, fast_restart: None
 ) -> None:
     app = unique_name("botkit_fault_")
-    broker = SqlBroker(with_app_name(database_url, app), table_prefix=prefix, heartbeat_timeout=3)
+    broker = SqlBroker(
+        with_app_name(pg_url, app),
+        table_prefix=prefix,
+        heartbeat_timeout=3,
+        listen=listen_for(pg_url),
+    )
     queue = unique_name("q")
     runs: Counter[int] = Counter()
     lock = threading.Lock()
@@ -252,11 +275,11 @@ def test_lost_listen_connection_is_reestablished(
 
 
 def test_enqueue_retries_over_terminated_connections(
-    database_url: str, prefix: str, admin: sa.Engine
+    pg_url: str, prefix: str, admin: sa.Engine
 ) -> None:
     # Given a broker whose pooled connections the server has since terminated
     app = unique_name("botkit_enqueue_")
-    broker = SqlBroker(with_app_name(database_url, app), table_prefix=prefix)
+    broker = SqlBroker(with_app_name(pg_url, app), table_prefix=prefix, listen=listen_for(pg_url))
     queue = unique_name("q")
     try:
         broker.enqueue(message(queue, "noop", 1))

@@ -10,8 +10,10 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import unique_name
 
+from botkit_tasks.brokers.retry_guard import RetryGuard
 from botkit_tasks.config import Backends, from_env, from_urls
 from botkit_tasks.errors import ConfigurationError
+from botkit_tasks.monitor.middleware import MonitorMiddleware
 
 
 @pytest.fixture
@@ -96,6 +98,10 @@ def test_database_url_sqlite(tmp_path: Path, opened: list[Backends]) -> None:
     opened.append(b)
     assert b.kind == "sqlite"
     assert b.kv.engine is b.broker.engine  # type: ignore[attr-defined]
+    # Workers record tracebacks of every failed attempt for the monitor, and a
+    # retry that cannot be enqueued is dead-lettered, not lost
+    assert any(isinstance(m, MonitorMiddleware) for m in b.broker.middleware)
+    assert any(isinstance(m, RetryGuard) for m in b.broker.middleware)
 
 
 # --- PostgreSQL --------------------------------------------------------------------------
@@ -120,6 +126,42 @@ def test_database_url_postgres_shares_one_engine(database_url: str, opened: list
         with atomic(b.engine):
             b.kv.set(("k",), "v")
         assert b.kv.get(("k",)) == "v"
+    finally:
+        _drop_sql_tables(b)
+        b.close()
+
+
+def test_pg_listen_0_builds_a_broker_that_works_behind_pgbouncer(
+    pgbouncer_url: str, opened: list[Backends]
+) -> None:
+    import dramatiq
+
+    # Given DATABASE_URL pointing at PgBouncer in transaction mode, and BOTKIT_PG_LISTEN=0
+    prefix = unique_name("cfg")
+    b = from_env({"DATABASE_URL": pgbouncer_url, "BOTKIT_PG_LISTEN": "0", "BOTKIT_PREFIX": prefix})
+    try:
+        # Then the broker holds no session state
+        assert b.broker.listen is False  # type: ignore[attr-defined]
+        # And the store and the queue work through the pooler, past psycopg's
+        # prepare threshold (a prepared statement would fail on another server)
+        for i in range(20):
+            b.kv.set(("k", str(i)), i)
+            assert b.kv.get(("k", str(i))) == i
+        seen: list[int] = []
+
+        @dramatiq.actor(broker=b.broker, queue_name=unique_name("q"))
+        def record(x: int) -> None:
+            seen.append(x)
+
+        for i in range(20):
+            record.send(i)
+        worker = dramatiq.Worker(b.broker, worker_timeout=100)
+        worker.start()
+        try:
+            b.broker.join(record.queue_name, timeout=20_000)
+        finally:
+            worker.stop()
+        assert sorted(seen) == list(range(20))
     finally:
         _drop_sql_tables(b)
         b.close()
@@ -150,6 +192,8 @@ def test_redis_url(redis_url: str, opened: list[Backends]) -> None:
     assert b.kind == "redis"
     assert isinstance(b.kv, RedisKvStore) and isinstance(b.broker, RedisBroker)
     assert b.broker.namespace == prefix
+    # Workers register themselves and keep their final dead letters for the monitor
+    assert any(isinstance(m, MonitorMiddleware) for m in b.broker.middleware)
     b.kv.set(("k",), [1, 2])
     try:
         assert b.kv.get(("k",)) == [1, 2]
@@ -295,6 +339,7 @@ def test_inconsistent_choices(env: dict[str, str], variable: str) -> None:
         ({"BOTKIT_PREFIX": "1abc"}, "BOTKIT_PREFIX"),
         ({"BOTKIT_PREFIX": "a" * 40}, "BOTKIT_PREFIX"),
         ({"BOTKIT_SQLITE_PATH": "bad\x00path"}, "BOTKIT_SQLITE_PATH"),
+        ({"DATABASE_URL": "postgresql://u@h/db", "BOTKIT_PG_LISTEN": "maybe"}, "BOTKIT_PG_LISTEN"),
     ],
 )
 def test_malformed_values_name_the_variable(env: dict[str, str], variable: str) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -25,41 +25,17 @@ from dramatiq.common import current_millis, q_name
 from dramatiq.errors import ConnectionClosed
 from dramatiq.logging import get_logger
 from dramatiq.message import Message
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
-from .._sql import is_postgres
+from ._dberrors import closed, is_transient
+from ._hub import ACK_DELAY, chunks
+from ._schema import CONSUMED, DEAD, QUEUED
 
 if TYPE_CHECKING:
-    from .sql import SqlBroker
+    from ._host import ConsumerHost
 
 #: Most rows one claim takes (the delay-queue consumer asks for thousands).
 MAX_CLAIM = 500
-#: Longest time (s) an ack waits to be grouped with others into one DELETE.
-ACK_DELAY = 0.005
-#: Most ids in one ``IN (...)`` list (SQLite caps bound parameters).
-_CHUNK = 5000
-
-# States are rendered as literals, never bound: with a bound value a prepared
-# (generic) plan cannot prove "state = 'queued'" and skips the partial index.
-QUEUED: sa.ColumnElement[str] = sa.literal_column("'queued'")
-CONSUMED: sa.ColumnElement[str] = sa.literal_column("'consumed'")
-DEAD: sa.ColumnElement[str] = sa.literal_column("'dead'")
-
-
-def _is_transient(engine: Engine, exc: BaseException) -> bool:
-    """Whether ``exc`` is a lost connection or (SQLite) a busy database."""
-    if not isinstance(exc, sa.exc.DBAPIError):
-        return False
-    if exc.connection_invalidated:
-        return True
-    if is_postgres(engine):
-        return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
-    text = str(exc.orig).lower()
-    return isinstance(exc, sa.exc.OperationalError) and ("locked" in text or "busy" in text)
-
-
-def _closed(exc: BaseException) -> ConnectionClosed:
-    return ConnectionClosed(exc)  # type: ignore[no-untyped-call]
 
 
 @contextmanager
@@ -67,11 +43,6 @@ def _begun(conn: Connection) -> Iterator[Connection]:
     """``engine.begin()`` for a connection we already hold: yields the connection."""
     with conn.begin():
         yield conn
-
-
-def _chunks(ids: Sequence[int]) -> Iterable[list[int]]:
-    for start in range(0, len(ids), _CHUNK):
-        yield list(ids[start : start + _CHUNK])
 
 
 class SqlMessageProxy(MessageProxy):
@@ -85,7 +56,7 @@ class SqlMessageProxy(MessageProxy):
 class SqlConsumer(Consumer):
     """Claims batches of rows for one queue; see the module docstring."""
 
-    def __init__(self, broker: SqlBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+    def __init__(self, broker: ConsumerHost, queue_name: str, prefetch: int, timeout: int) -> None:
         self.logger = get_logger(__name__, type(self))  # type: ignore[no-untyped-call]
         self.broker = broker
         self.queue_name = queue_name
@@ -107,12 +78,12 @@ class SqlConsumer(Consumer):
         self._registered = False
         self._closed = False
         self._conn: Connection | None = None
-        self._pid = os.getpid()
+        self.pid = os.getpid()
         # Set when a closed consumer's in-flight rows were adopted by a
         # restarted consumer of the same queue: releases are forwarded to it.
         self._abandoned: set[int] = set()
         self._adopter: SqlConsumer | None = None
-        broker._subscribe(self)
+        broker.hub.subscribe(self)
 
     # Called from the listener thread, enqueuing threads and worker threads.
     def wake(self) -> None:
@@ -134,7 +105,8 @@ class SqlConsumer(Consumer):
                 # one round trip; the connection is discarded on close so these
                 # settings never reach the pool.
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                conn.exec_driver_sql("SET synchronous_commit TO off")
+                if self.broker.listen:  # a session setting: not behind a transaction pooler
+                    conn.exec_driver_sql("SET synchronous_commit TO off")
                 conn.commit()  # ends SQLAlchemy's autobegun (no-op) transaction
             self._conn = conn
         return self._conn
@@ -143,8 +115,8 @@ class SqlConsumer(Consumer):
         try:
             return self._next()
         except sa.exc.DBAPIError as exc:
-            if _is_transient(self.broker.engine, exc):
-                raise _closed(exc) from exc
+            if is_transient(self.broker.engine, exc):
+                raise closed(exc) from exc
             raise
 
     def _next(self) -> SqlMessageProxy | None:
@@ -162,12 +134,12 @@ class SqlConsumer(Consumer):
             if free > 0 and self._should_claim(free, now):
                 if self._claim(min(free, MAX_CLAIM)):
                     continue
-            elif now >= self._next_heartbeat or self.broker._acks_due(now):
+            elif now >= self._next_heartbeat or self.broker.hub.acks_due(now):
                 self._flush()
             if self._need_due:
                 self._schedule_poll(self._connection())
-            if self.broker._maintenance_due():
-                self.broker._maintain(self._connection())
+            if self.broker.maintenance.due():
+                self.broker.maintenance.run(self._connection())
             now = time.monotonic()
             if now >= deadline:
                 return None
@@ -179,8 +151,8 @@ class SqlConsumer(Consumer):
                 wake_at = min(wake_at, self._next_poll)
                 if self._coalesce_until is not None:
                     wake_at = min(wake_at, self._coalesce_until)
-            if self.broker._acks:
-                wake_at = min(wake_at, self.broker._acks_since + ACK_DELAY)
+            if self.broker.hub.acks_pending:
+                wake_at = min(wake_at, self.broker.hub.acks_flush_at)
             if self._hold_until is not None:
                 wake_at = min(wake_at, self._hold_until)
             self._event.wait(max(wake_at - now, 0.0))
@@ -228,11 +200,13 @@ class SqlConsumer(Consumer):
                 self._heartbeat(conn, time.monotonic())
                 self._adopt(conn)
                 if broker.is_postgres:
-                    acks, restore = broker._take_acks()
-                    rows = list(conn.execute(broker._ack_and_claim, {**params, "acks": acks}))
+                    acks, restore = broker.hub.take_acks()
+                    rows = list(
+                        conn.execute(broker.statements.ack_and_claim, {**params, "acks": acks})
+                    )
                 else:
-                    restore = broker._flush_acks(conn)
-                    rows = list(conn.execute(broker._claim, params))
+                    restore = broker.hub.flush_acks(conn)
+                    rows = list(conn.execute(broker.statements.claim, params))
         except BaseException:
             # Up to the commit: a rolled-back transaction deleted nothing.
             if restore is not None:
@@ -274,14 +248,14 @@ class SqlConsumer(Consumer):
         messages are handed out again while they run.
         """
         m = self.broker.messages
-        orphans = self.broker._take_orphans(self.queue_name)
+        orphans = self.broker.hub.take_orphans(self.queue_name)
         while orphans:
             old = orphans[0]
             with old._lock:
                 ids = old._unacked - old._abandoned
             adopted: set[int] = set()
             try:
-                for chunk in _chunks(sorted(ids)):
+                for chunk in chunks(sorted(ids)):
                     adopted.update(
                         conn.execute(
                             m.update()
@@ -295,7 +269,7 @@ class SqlConsumer(Consumer):
                     )
             except BaseException:
                 for orphan in orphans:  # the next consumer tries again
-                    self.broker._add_orphan(orphan)
+                    self.broker.hub.add_orphan(orphan)
                 raise
             with old._lock:
                 # Acks that came through the old consumer meanwhile are excluded;
@@ -309,7 +283,9 @@ class SqlConsumer(Consumer):
         """Poll again at the next due time of a delayed row, or after poll_interval."""
         self._need_due = False
         with conn.begin():
-            due_in = conn.execute(self.broker._next_due, {"queue": self.queue_name}).scalar()
+            due_in = conn.execute(
+                self.broker.statements.next_due, {"queue": self.queue_name}
+            ).scalar()
         poll = self.broker.poll_interval
         if due_in is not None:
             poll = min(poll, max(due_in, 1) / 1000)
@@ -319,7 +295,7 @@ class SqlConsumer(Consumer):
         if now < self._next_heartbeat:
             return
         conn.execute(
-            self.broker._heartbeat,
+            self.broker.statements.heartbeat,
             {"worker": self.worker_id, "pid": os.getpid(), "queues": self.queue_name},
         )
         self._registered = True
@@ -330,7 +306,7 @@ class SqlConsumer(Consumer):
         restore: Callable[[], None] | None = None
         try:
             with conn.begin():
-                restore = self.broker._flush_acks(conn)
+                restore = self.broker.hub.flush_acks(conn)
                 self._heartbeat(conn, time.monotonic())
         except BaseException:
             if restore is not None:
@@ -347,7 +323,7 @@ class SqlConsumer(Consumer):
                 .where(m.c.id == sa.bindparam("row_id"))
                 .values(
                     state=DEAD,
-                    dead_at=self.broker._now,
+                    dead_at=self.broker.statements.now,
                     worker_id=None,
                     last_error=sa.bindparam("error"),
                 ),
@@ -375,7 +351,7 @@ class SqlConsumer(Consumer):
         if row_id is None:
             return
         self._release((row_id,))
-        self.broker._add_ack(row_id)
+        self.broker.hub.add_ack(row_id)
 
     def nack(self, message: MessageProxy) -> None:
         """Keep ``message`` as a dead letter, with its final options (traceback, retries)."""
@@ -393,7 +369,7 @@ class SqlConsumer(Consumer):
                     .where(m.c.id == row_id)
                     .values(
                         state=DEAD,
-                        dead_at=self.broker._now,
+                        dead_at=self.broker.statements.now,
                         worker_id=None,
                         data=message._message.encode(),
                         retries=retries if isinstance(retries, int) else 0,
@@ -401,8 +377,8 @@ class SqlConsumer(Consumer):
                     )
                 )
         except sa.exc.DBAPIError as exc:
-            if _is_transient(self.broker.engine, exc):
-                raise _closed(exc) from exc
+            if is_transient(self.broker.engine, exc):
+                raise closed(exc) from exc
             raise
         self._release((row_id,))
 
@@ -413,22 +389,22 @@ class SqlConsumer(Consumer):
             return
         self._requeue_ids(ids, self.broker.engine.begin)
         self._release(ids)
-        self.broker._wake_one(self.queue_name)
+        self.broker.hub.announce([self.queue_name])
 
     def _requeue_ids(self, ids: list[int], begin: Callable[[], Any]) -> None:
         m = self.broker.messages
         try:
             with begin() as conn:
-                for chunk in _chunks(ids):
+                for chunk in chunks(ids):
                     conn.execute(
                         m.update()
                         .where(m.c.id.in_(chunk), m.c.state == CONSUMED)
                         .values(state=QUEUED, worker_id=None, consumed_at=None)
                     )
-                self.broker._notify_on(conn, [self.queue_name], local=False)
+                self.broker.hub.notify_on(conn, [self.queue_name], local=False)
         except sa.exc.DBAPIError as exc:
-            if _is_transient(self.broker.engine, exc):
-                raise _closed(exc) from exc
+            if is_transient(self.broker.engine, exc):
+                raise closed(exc) from exc
             raise
 
     def close(self) -> None:
@@ -440,7 +416,7 @@ class SqlConsumer(Consumer):
         if self._closed:
             return
         self._closed = True
-        self.broker._unsubscribe(self)
+        self.broker.hub.unsubscribe(self)
         with self._lock:
             cached = [proxy.row_id for proxy in self._cache]
             self._cache.clear()
@@ -450,7 +426,7 @@ class SqlConsumer(Consumer):
         # takes them over.  Not for a delay queue, whose held messages Dramatiq
         # drops on a connection error: those come back through heartbeat expiry.
         if in_flight and q_name(self.queue_name) == self.queue_name:
-            self.broker._add_orphan(self)
+            self.broker.hub.add_orphan(self)
         try:
             conn = self._connection()
             if cached:

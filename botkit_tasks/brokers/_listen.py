@@ -135,11 +135,16 @@ class PgVacuum:
     on and keeps up; this thread makes sure it happens when it is off or too
     slow (its default thresholds scale with the table, a queue needs a
     constant one).  A session advisory lock keeps workers from vacuuming
-    the same table at once.
+    the same table at once; with ``session_lock=False`` (behind a transaction
+    pooler, where a session lock may outlive its client) ``VACUUM (SKIP_LOCKED)``
+    skips the table instead while another worker vacuums it.
     """
 
-    def __init__(self, engine: Engine, table_name: str, lock_key: int) -> None:
+    def __init__(
+        self, engine: Engine, table_name: str, lock_key: int, *, session_lock: bool = True
+    ) -> None:
         self.engine = engine
+        self.session_lock = session_lock
         self.table = engine.dialect.identifier_preparer.quote(table_name)
         self.lock_key = lock_key
         self.pid = os.getpid()
@@ -171,6 +176,9 @@ class PgVacuum:
             ).scalar()
             if dead is None or dead < VACUUM_DEAD_ROWS:
                 return False
+            if not self.session_lock:
+                conn.exec_driver_sql(f"VACUUM (SKIP_LOCKED) {self.table}")
+                return True
             locked = conn.execute(sa.select(sa.func.pg_try_advisory_lock(self.lock_key))).scalar()
             if not locked:
                 return False

@@ -1,6 +1,6 @@
 """``botkit-tasks demo``: the whole system on loopback, in under a minute.
 
-What runs, all in this process and on ``127.0.0.1``:
+What runs, on ``127.0.0.1``:
 
 * the bot's web app (:meth:`Bot.asgi_app`) under uvicorn, on a free port;
 * a simulated remote fediverse (:mod:`.remote`): two instances on their own
@@ -8,8 +8,11 @@ What runs, all in this process and on ``127.0.0.1``:
   inbox; every inbox verifies HTTP signatures, and some are scripted to fail
   the way real servers do (500s, a 429 with ``Retry-After``, a 410, one that
   hangs);
-* real Dramatiq workers (``dramatiq.Worker`` threads) on a ``SqlBroker`` and
-  a ``SqlKvStore`` sharing one SQLite file in a temporary directory.
+* real ``dramatiq`` worker processes (``dramatiq
+  botkit_tasks.demo.dramatiq_app:broker``, as a deployment runs ``dramatiq
+  mybot``) on a ``SqlBroker`` and a ``SqlKvStore`` sharing one SQLite file in
+  a temporary directory.  They are stopped on the way out, Ctrl-C included,
+  and stop by themselves should the demo die (:mod:`.processes`).
 
 The script: every remote account sends a signed ``Follow``; the bot's inbox
 verifies it and enqueues an inbox job; the job stores the follower and
@@ -24,610 +27,29 @@ that retries, the 429 and the dead letter all happen within seconds.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import shutil
-import socket
 import sys
-import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
-
-from ..federation.delivery import DeliveryOptions
-from .display import Progress, bar, table
-from .remote import RemoteActor, RemoteFediverse
-
-if TYPE_CHECKING:
-    import dramatiq
-    import uvicorn
-
-    from ..bot import Bot
-    from ..monitor import QueueStats
-
-__all__ = ["DEMO_DELIVERY", "DemoResult", "run_demo"]
-
-#: Delivery policy of the demo: four retries, 0.25 s doubling to at most 2 s, 1 s timeouts.
-DEMO_DELIVERY = DeliveryOptions(
-    max_retries=4,
-    min_backoff=0.25,
-    max_backoff=2.0,
-    connect_timeout=1.0,
-    read_timeout=1.0,
-    total_timeout=2.0,
-)
-#: Smallest number of followers the script works with.
-MIN_FOLLOWERS = 20
-#: Seconds each phase may take before the demo gives up.
-PHASE_TIMEOUT = 45.0
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Check:
-    """One expectation of the script and what was observed."""
-
-    label: str
-    expected: int
-    actual: int
-
-    @property
-    def ok(self) -> bool:
-        return self.expected == self.actual
-
-
-@dataclass
-class DemoResult:
-    """What :func:`run_demo` observed (also returned by :meth:`Demo.run`)."""
-
-    checks: list[Check] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and all(c.ok for c in self.checks)
-
-
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-class _Server:
-    """A uvicorn server on pre-bound sockets, in a thread."""
-
-    def __init__(self, app: Any, sockets: list[socket.socket], name: str) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            app,
-            log_level="error",
-            access_log=False,
-            # Keep the logging set up by the demo (uvicorn would reconfigure it).
-            log_config=None,
-            lifespan="on",
-            timeout_graceful_shutdown=1,
-            # Many concurrent deliveries arrive at once; keep the backlog generous.
-            backlog=1024,
-        )
-        self.server: uvicorn.Server = uvicorn.Server(config)
-        self.sockets = sockets
-        self.thread = threading.Thread(target=self._serve, name=f"botkit-demo-{name}", daemon=True)
-        self.error: BaseException | None = None
-
-    def _serve(self) -> None:
-        try:
-            self.server.run(sockets=self.sockets)
-        except BaseException as exc:  # reported by start()
-            self.error = exc
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if self.error is not None or not self.thread.is_alive():
-                raise RuntimeError(f"web server failed to start: {self.error!r}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("web server did not start in time")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        for sock in self.sockets:
-            sock.close()
-
-
-class Demo:
-    """One demo run; see the module docstring.  Use :func:`run_demo`."""
-
-    def __init__(
-        self,
-        *,
-        followers: int = 240,
-        threads: int = 8,
-        live: bool = False,
-        keep: str | None = None,
-        out: TextIO = sys.stdout,
-    ) -> None:
-        if followers < MIN_FOLLOWERS:
-            raise ValueError(f"the demo needs at least {MIN_FOLLOWERS} followers")
-        self.n_followers = followers
-        self.threads = max(threads, 1)
-        self.live = live
-        self.keep = keep
-        self.out = out
-        self.started = time.monotonic()
-        self.phase = "starting"
-        self.phase_no = 0
-        self.activity_id: str | None = None
-        self._tmp: str | None = None
-        self._servers: list[_Server] = []
-        self._worker: dramatiq.Worker | None = None
-        self._progress: Progress | None = None
-        self._log_handler: logging.Handler | None = None
-        self._saved_levels: dict[str, tuple[int, bool]] = {}
-        self.bot: Bot | None = None
-        self.remote: RemoteFediverse | None = None
-        self._queues: list[QueueStats] = []
-        self._queues_at = 0.0
-
-    # ------------------------------------------------------------------ setup
-
-    def _setup(self) -> None:
-        import dramatiq
-
-        from .._sql import create_engine
-        from ..bot import Bot
-        from ..brokers.sql import SqlBroker
-        from ..kv.sql import SqlKvStore
-
-        if self.keep:
-            Path(self.keep).mkdir(parents=True, exist_ok=True)
-            directory = self.keep
-        else:
-            directory = self._tmp = tempfile.mkdtemp(prefix="botkit-demo-")
-        self.db_path = Path(directory) / "demo.sqlite3"
-        self.log_path = Path(directory) / "demo.log"
-        self._quiet_logs()
-
-        self.engine = create_engine(f"sqlite:///{self.db_path}")
-        self.kv = SqlKvStore(self.engine)
-        # Short polls: retries become due within a fraction of a second.
-        self.broker = SqlBroker(self.engine, poll_interval=0.1)
-
-        bot_socket = _free_socket()
-        remote_sockets = {"a": _free_socket(), "b": _free_socket()}
-        port = bot_socket.getsockname()[1]
-        self.bot = Bot(
-            "demo",
-            base_url=f"http://127.0.0.1:{port}",
-            name="Demo Bot",
-            summary="I run on botkit-tasks: a SQLite queue and Dramatiq workers.",
-            kv=self.kv,
-            broker=self.broker,
-            allow_private_addresses=True,
-            delivery_options=DEMO_DELIVERY,
-            set_global_broker=False,
-        )
-        self.bot.federation.private_key  # noqa: B018 - create the key pair before serving
-
-        self.remote = RemoteFediverse(
-            {name: s.getsockname()[1] for name, s in remote_sockets.items()},
-            hang_seconds=DEMO_DELIVERY.read_timeout + 2.0,
-        )
-        self._populate(self.remote)
-
-        self._servers = [
-            _Server(self.bot.asgi_app(), [bot_socket], "bot"),
-            _Server(self.remote, list(remote_sockets.values()), "remote"),
-        ]
-        for server in self._servers:
-            server.start()
-        self._worker = dramatiq.Worker(self.broker, worker_threads=self.threads, worker_timeout=100)
-        self._worker.start()
-
-    def _populate(self, remote: RemoteFediverse) -> None:
-        n = self.n_followers
-        on_b = max(n // 5, 1)
-        flaky = max(3, n // 40)
-        specials = 3  # limited, gone, hanging
-        normal_a = n - on_b - flaky - specials
-        for i in range(normal_a):
-            remote.add_actor(f"user{i + 1:03d}", "a")
-        for i in range(flaky):
-            remote.add_actor(f"flaky{i + 1}", "a", "flaky", fails=1 + i % 3)
-        remote.add_actor("ratelimited", "a", "limited")
-        remote.add_actor("gone", "a", "gone")
-        remote.add_actor("hangs", "a", "hanging")
-        for i in range(on_b):
-            remote.add_actor(f"b-user{i + 1:03d}", "b")
-        self.expected_inboxes = normal_a + flaky + specials + 1  # + instance b's shared inbox
-        self.expected_flaky = flaky
-
-    def _quiet_logs(self) -> None:
-        # Retries are expected here; their log lines would scroll the live view
-        # away.  Everything goes to demo.log in the demo's directory instead.
-        handler = logging.FileHandler(self.log_path, encoding="utf-8")
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
-        )
-        handler.setLevel(logging.INFO)
-        self._log_handler = handler
-        for name in ("dramatiq", "botkit_tasks", "uvicorn", "uvicorn.error", "httpx"):
-            log = logging.getLogger(name)
-            self._saved_levels[name] = (log.level, log.propagate)
-            log.addHandler(handler)
-            log.propagate = False
-            log.setLevel(logging.INFO if name != "httpx" else logging.WARNING)
-
-    def _restore_logs(self) -> None:
-        handler = self._log_handler
-        if handler is None:
-            return
-        for name, (level, propagate) in self._saved_levels.items():
-            log = logging.getLogger(name)
-            log.removeHandler(handler)
-            log.setLevel(level)
-            log.propagate = propagate
-        handler.close()
-        self._log_handler = None
-
-    # ------------------------------------------------------------------ the script
-
-    def run(self) -> DemoResult:
-        """Run the script; return what was observed.  Call :meth:`close` afterwards."""
-        result = DemoResult()
-        out = self.out
-        print(
-            "botkit-tasks demo: a bot, a simulated fediverse and Dramatiq workers on loopback",
-            file=out,
-        )
-        self._setup()
-        assert self.bot is not None and self.remote is not None
-        bot, remote = self.bot, self.remote
-        print(f"  bot        {bot.actor_id}  ({bot.handle})", file=out)
-        print(
-            f"  remote     {self.n_followers} accounts on {len(remote.instances)} simulated "
-            f"servers: {', '.join(i.base for i in remote.instances.values())}",
-            file=out,
-        )
-        print(f"  storage    SQLite {self.db_path} (KV store and SqlBroker, one engine)", file=out)
-        print(
-            f"  workers    {self.threads} Dramatiq worker threads; log in {self.log_path}", file=out
-        )
-        print(file=out)
-        self._progress = Progress(out, self._render, live=self.live)
-        self._progress.start()
-
-        # Phase 1: everyone follows the bot.
-        self._enter(
-            1, "remote accounts follow the bot (signed Follow -> inbox job -> signed Accept)"
-        )
-        failures = self._send_follows(bot, remote)
-        if failures:
-            result.problems.append(f"{failures} Follow requests were not answered 202")
-        phase1 = self._wait(lambda: remote.accepted_count() >= self.n_followers)
-        followers_stored = bot.federation.followers.count()
-        if not phase1:
-            result.problems.append(
-                f"only {remote.accepted_count()} of {self.n_followers} follows accepted in time"
-            )
-        self._progress.say(
-            f"  phase 1 done in {time.monotonic() - self.phase_started:.1f} s: "
-            f"{remote.accepted_count()} follows accepted, {followers_stored} followers stored"
-        )
-
-        # Phase 2: publish and watch the fan-out.
-        self._enter(2, "the bot publishes a note: one fan-out job, one delivery job per inbox")
-        self.activity_id = bot.publish(
-            "Hello, fediverse! This note was delivered by Dramatiq workers from a SQLite queue."
-        )
-        phase2 = self._wait(self._deliveries_settled)
-        with contextlib.suppress(Exception):
-            self.broker.join("botkit.outbox", timeout=5_000)
-        if not phase2:
-            result.problems.append("deliveries did not settle in time")
-        self._progress.say(f"  phase 2 done in {time.monotonic() - self.phase_started:.1f} s")
-        self._progress.stop()
-        self._progress = None
-
-        result.seconds = time.monotonic() - self.started
-        result.checks = self._checks(followers_stored)
-        if remote.signature_failures:
-            result.problems.append(
-                f"{len(remote.signature_failures)} requests failed signature verification, "
-                f"e.g. {remote.signature_failures[0]}"
-            )
-        if remote.bad_accepts:
-            result.problems.append(f"{len(remote.bad_accepts)} malformed Accepts")
-        self._summary(result)
-        return result
-
-    def _enter(self, number: int, text: str) -> None:
-        self.phase_no = number
-        self.phase = text
-        self.phase_started = time.monotonic()
-        if self._progress is not None:
-            self._progress.say(f"Phase {number}/2: {text}")
-            self._progress.draw()
-
-    def _wait(self, done: Any, timeout: float = PHASE_TIMEOUT) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if done():
-                return True
-            time.sleep(0.1)
-        return bool(done())
-
-    def _send_follows(self, bot: Bot, remote: RemoteFediverse) -> int:
-        import httpx
-
-        inbox = bot.federation.inbox_url
-
-        def follow(actor: RemoteActor, client: httpx.Client) -> bool:
-            headers, body = remote.signed_follow(actor, bot.actor_id, inbox)
-            try:
-                response = client.post(inbox, headers=headers, content=body)
-            except httpx.HTTPError:
-                return False
-            return response.status_code == 202
-
-        limits = httpx.Limits(max_connections=16)
-        pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="botkit-demo-follow")
-        try:
-            with httpx.Client(timeout=10.0, limits=limits) as client:
-                actors = list(remote.actors.values())
-                results = list(pool.map(lambda a: follow(a, client), actors))
-        finally:
-            # On Ctrl-C, do not send the follows that have not started yet.
-            pool.shutdown(wait=True, cancel_futures=True)
-        return results.count(False)
-
-    # ------------------------------------------------------------------ observation
-
-    def _actors(self, behaviour: str) -> list[RemoteActor]:
-        assert self.remote is not None
-        return [a for a in self.remote.actors.values() if a.behaviour == behaviour]
-
-    def _queue_stats(self) -> list[QueueStats]:
-        # The display and the waits both want these; read at most every 0.2 s.
-        now = time.monotonic()
-        if now - self._queues_at > 0.2:
-            from ..monitor import inspect
-
-            try:
-                self._queues = inspect(self.broker).queues()
-            except Exception:
-                logger.debug("demo: queue stats unavailable", exc_info=True)
-            self._queues_at = now
-        return self._queues
-
-    def _outbox_busy(self) -> int:
-        return sum(
-            q.ready + q.delayed + q.in_flight
-            for q in self._queue_stats()
-            if q.name in ("botkit.outbox", "botkit.fanout")
-        )
-
-    def _deliveries_settled(self) -> bool:
-        assert self.remote is not None
-        remote = self.remote
-        with remote.lock:
-            a_inboxes = [
-                a for a in remote.actors.values() if a.instance == "a" and a.behaviour != "gone"
-            ]
-            waiting = [
-                a for a in a_inboxes if a.behaviour != "hanging" and 202 not in a.create_statuses
-            ]
-            shared_done = 202 in remote.instances["b"].shared_statuses
-            gone_done = all(410 in a.create_statuses for a in self._actors("gone"))
-            hang_done = all(
-                len(a.create_statuses) >= DEMO_DELIVERY.max_retries + 1
-                for a in self._actors("hanging")
-            )
-        if not (not waiting and shared_done and gone_done):
-            return False
-        # The hanging inbox is done when its last attempt was made or (should an
-        # attempt never have reached the server) when its message is dead.
-        dead = sum(q.dead for q in self._queue_stats() if q.name == "botkit.outbox")
-        return (hang_done or dead > 0) and self._outbox_busy() == 0
-
-    def _render(self, live: bool) -> list[str]:
-        assert self.remote is not None and self.bot is not None
-        remote = self.remote
-        stats = self._queue_stats()
-        by_name = {q.name: q for q in stats}
-        with remote.lock:
-            accepted = sum(1 for a in remote.actors.values() if a.accepted)
-            a_actors = [a for a in remote.actors.values() if a.instance == "a"]
-            delivered = sum(1 for a in a_actors if 202 in a.create_statuses) + (
-                1 if 202 in remote.instances["b"].shared_statuses else 0
-            )
-            retrying = sum(
-                1
-                for a in a_actors
-                if a.create_statuses
-                and 202 not in a.create_statuses
-                and a.create_statuses[-1] != 410
-            )
-            gone = sum(1 for a in a_actors if 410 in a.create_statuses)
-            events = list(remote.events)
-        dead = sum(q.dead for q in stats)
-        elapsed = time.monotonic() - self.started
-        if not live:
-            outbox = by_name.get("botkit.outbox")
-            queued = (
-                f"outbox ready {outbox.ready}, delayed {outbox.delayed}, "
-                f"in flight {outbox.in_flight}"
-                if outbox
-                else "outbox idle"
-            )
-            return [
-                f"[{elapsed:5.1f}s] phase {self.phase_no}/2 | follows {accepted}/{self.n_followers}"
-                f" | delivered {delivered}/{self.expected_inboxes} | retrying {retrying}"
-                f" | gone {gone} | dead letters {dead} | {queued}"
-            ]
-
-        def queue(name: str, label: str) -> str:
-            q = by_name.get(name)
-            if q is None:
-                return f"{label} -"
-            return f"{label} {q.ready}/{q.delayed}/{q.in_flight}"
-
-        lines = [
-            f"  {elapsed:5.1f} s",
-            f"  Follows     {bar(accepted, self.n_followers)} {accepted}/{self.n_followers}"
-            " accepted (Accept verified by the follower's server)",
-            f"  Deliveries  {bar(delivered, self.expected_inboxes)} {delivered}/"
-            f"{self.expected_inboxes} inboxes | retrying {retrying} | gone {gone}"
-            f" | dead letters {dead}",
-            "  Queues      (ready/delayed/running) "
-            + " | ".join(
-                [
-                    queue("botkit.inbox", "inbox"),
-                    queue("botkit.fanout", "fanout"),
-                    queue("botkit.outbox", "outbox"),
-                ]
-            ),
-            "  Recent events:",
-        ]
-        lines += [f"    {e}" for e in events] or ["    (none yet)"]
-        return lines
-
-    def _checks(self, followers_stored: int) -> list[Check]:
-        assert self.remote is not None and self.bot is not None
-        from ..monitor import inspect
-
-        remote = self.remote
-        insp = inspect(self.broker)
-        dead = insp.dead_letters()
-        with remote.lock:
-            a_actors = [a for a in remote.actors.values() if a.instance == "a"]
-            delivered = sum(1 for a in a_actors if 202 in a.create_statuses)
-            shared = remote.instances["b"].shared_statuses
-            delivered += 1 if 202 in shared else 0
-            attempted = sum(1 for a in a_actors if a.create_statuses) + (1 if shared else 0)
-            # Only the scripted failures count: on a loaded machine a normal inbox
-            # may also be retried once (a reply slower than the 1 s demo timeout),
-            # which is the system working, not a deviation from the script.
-            retried = sum(
-                1
-                for a in a_actors
-                if a.behaviour in ("flaky", "limited")
-                and 202 in a.create_statuses
-                and len(a.create_statuses) > 1
-            )
-            self.unscripted_retries = sum(
-                1
-                for a in remote.actors.values()
-                if a.behaviour == "normal" and len(a.create_statuses) > 1
-            ) + max(len(shared) - 1, 0)
-            gone = sum(1 for a in a_actors if 410 in a.create_statuses)
-            hanging = self._actors("hanging")
-            hang_attempts = sum(len(a.create_statuses) for a in hanging)
-            accepted = sum(1 for a in remote.actors.values() if a.accepted)
-        dead_deliveries = [d for d in dead if d.actor == "botkit_deliver"]
-        self.dead_letters = dead
-        n = self.n_followers
-        return [
-            Check("follows accepted (signed Accept verified)", n, accepted),
-            Check("followers stored before publishing", n, followers_stored),
-            Check("inboxes the fan-out delivered to", self.expected_inboxes, attempted),
-            Check("delivered (2xx, signature verified)", self.expected_inboxes - 2, delivered),
-            Check("delivered after retries (500s, 429)", self.expected_flaky + 1, retried),
-            Check("permanently failed: 410 Gone", 1, gone),
-            Check(
-                "attempts at the hanging inbox (1 + max_retries)",
-                DEMO_DELIVERY.max_retries + 1,
-                hang_attempts,
-            ),
-            Check("dead letters (retries exhausted)", 1, len(dead_deliveries)),
-            Check("other dead letters", 0, len(dead) - len(dead_deliveries)),
-            Check(
-                "followers after the 410 dropped one", n - 1, self.bot.federation.followers.count()
-            ),
-        ]
-
-    def _summary(self, result: DemoResult) -> None:
-        out = self.out
-        print(file=out)
-        print(f"Summary ({result.seconds:.1f} s)", file=out)
-        rows: list[list[object]] = [
-            [c.label, c.actual, c.expected, "ok" if c.ok else "MISMATCH"] for c in result.checks
-        ]
-        for line in table(rows, headers=["", "observed", "expected", ""]):
-            print(f"  {line}", file=out)
-        extra = getattr(self, "unscripted_retries", 0)
-        if extra:
-            print(f"  (also retried: {extra} normal inboxes that answered too slowly)", file=out)
-        for d in getattr(self, "dead_letters", [])[:3]:
-            error = (d.traceback or "").strip().splitlines()
-            target = d.args[2] if d.actor == "botkit_deliver" and len(d.args) > 2 else d.args
-            print(f"  dead letter {d.message_id} ({d.actor} to {target}):", file=out)
-            print(f"    {error[-1] if error else '-'}", file=out)
-        for problem in result.problems:
-            print(f"  problem: {problem}", file=out)
-        print(file=out)
-        if result.ok:
-            print("Result: OK - everything behaved as scripted.", file=out)
-        else:
-            print(f"Result: FAILED - see above and {self.log_path}", file=out)
-        if self.keep:
-            print(
-                f"Inspect it: botkit-tasks --database-url sqlite:///{self.db_path} status",
-                file=out,
-            )
-
-    # ------------------------------------------------------------------ teardown
-
-    def close(self) -> None:
-        """Stop everything this demo started; safe to call more than once and after errors.
-
-        Each step runs even when an earlier one fails (a failure is logged to
-        ``demo.log``), so no thread, socket or temporary file is left behind.
-        """
-        if self._progress is not None:
-            self._step(lambda p=self._progress: p.stop(final=False))
-            self._progress = None
-        if self._worker is not None:
-            self._step(lambda w=self._worker: w.stop(timeout=10_000))
-            self._worker = None
-        if self.remote is not None:
-            self.remote.stopping.set()  # ends hanging requests
-        for server in self._servers:
-            self._step(server.stop)
-        self._servers = []
-        if self.bot is not None:
-            self._step(self.bot.close)
-        for closer in ("broker", "kv", "engine"):
-            obj = getattr(self, closer, None)
-            if obj is not None:
-                self._step(obj.dispose if closer == "engine" else obj.close)
-                setattr(self, closer, None)
-        self._restore_logs()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def _step(self, action: Any) -> None:
-        try:
-            action()
-        except Exception:
-            logger.exception("demo: error while shutting down")
+from typing import TextIO
+
+from .report import Check, DemoResult
+from .scenario import Demo
+from .settings import DEMO_DELIVERY, MIN_FOLLOWERS, PHASE_TIMEOUT
+
+__all__ = [
+    "DEMO_DELIVERY",
+    "MIN_FOLLOWERS",
+    "PHASE_TIMEOUT",
+    "Check",
+    "Demo",
+    "DemoResult",
+    "run_demo",
+]
 
 
 def run_demo(
     *,
     followers: int = 240,
     threads: int = 8,
+    processes: int = 2,
     plain: bool = False,
     keep: str | None = None,
     out: TextIO | None = None,
@@ -636,14 +58,22 @@ def run_demo(
 
     Args:
         followers: Remote accounts that follow the bot (at least 20).
-        threads: Dramatiq worker threads.
+        threads: Dramatiq worker threads per process.
+        processes: ``dramatiq`` worker processes.
         plain: Periodic progress lines instead of the live ANSI display.
         keep: Directory to keep the SQLite database and log in (default: a
             temporary directory, removed afterwards).
         out: Where to write (``sys.stdout`` when ``None``).
     """
     stream = out if out is not None else sys.stdout
-    demo = Demo(followers=followers, threads=threads, live=not plain, keep=keep, out=stream)
+    demo = Demo(
+        followers=followers,
+        threads=threads,
+        processes=processes,
+        live=not plain,
+        keep=keep,
+        out=stream,
+    )
     try:
         result = demo.run()
     except KeyboardInterrupt:

@@ -31,16 +31,18 @@ from typing import Any
 
 import dramatiq
 
+from botkit_tasks.federation.base import FederationLike
 from botkit_tasks.federation.delivery import (
     DELIVER_ACTOR_NAME,
     DeliveryOptions,
-    FederationLike,
     PermanentDeliveryError,
-    _checked_arguments,
-    _require,
-    _resolve,
     activity_key,
     host_of,
+)
+from botkit_tasks.federation.delivery.actor import (
+    checked_arguments,
+    require_argument,
+    resolve_federation,
 )
 from botkit_tasks.kv._codec import encode_value
 from botkit_tasks.kv.base import JsonValue, KvStore
@@ -257,10 +259,10 @@ def declare_fanout_actor(federation: FederationLike) -> dramatiq.Actor[[str, str
     owner = federation
 
     def botkit_fanout(username: str, activity_id: str) -> None:
-        _require(username, str, "username", "botkit_fanout")
-        _require(activity_id, str, "activity_id", "botkit_fanout")
+        require_argument(username, str, "username", "botkit_fanout")
+        require_argument(activity_id, str, "activity_id", "botkit_fanout")
         try:
-            federation = _resolve(owner, username)
+            federation = resolve_federation(owner, username)
         except PermanentDeliveryError as exc:
             logger.error("Fan-out of %s dropped: %s", activity_id, exc)
             return
@@ -274,7 +276,7 @@ def declare_fanout_actor(federation: FederationLike) -> dramatiq.Actor[[str, str
         queue_name=FANOUT_QUEUE,
         broker=broker,
         **actor_options,
-    )(_checked_arguments(botkit_fanout))
+    )(checked_arguments(botkit_fanout))
     return fanout_actor
 
 

@@ -9,12 +9,24 @@ A counter under ``("botkit", username, "followers-count")`` answers
 ``count()`` without scanning; it is maintained with compare-and-swap next to
 each add/remove.  Should a process die between the two writes the counter can
 drift by one; ``recount()`` repairs it.
+
+An index by inbox, one entry ``("botkit", username, "follower-inboxes",
+inbox_url, actor_id)`` per inbox and shared inbox of each follower, lets
+``drop_inbox()`` (a 404/410 from an inbox) read only the followers behind that
+inbox, not all of them.  Index entries are written before the record and
+removed after it, so every record is reachable from its inboxes; an entry
+whose record is gone or has moved (a process died in between) is skipped and
+deleted by the next ``drop_inbox()`` of that inbox.  Followers stored before
+the index existed are indexed by ``reindex()``, which the first
+``drop_inbox()`` runs once when the marker ``("botkit", username,
+"follower-inboxes-built")`` is absent.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator, Mapping
+from itertools import islice
 from typing import Any
 
 from botkit_tasks.kv.base import JsonValue, KvKey, KvStore
@@ -40,9 +52,32 @@ class Followers:
         self.username = username
         self._prefix: KvKey = ("botkit", username, "followers")
         self._count_key: KvKey = ("botkit", username, "followers-count")
+        self._index: KvKey = ("botkit", username, "follower-inboxes")
+        self._indexed_key: KvKey = ("botkit", username, "follower-inboxes-built")
 
     def _key(self, actor_id: str) -> KvKey:
         return (*self._prefix, actor_id)
+
+    def _index_keys(self, record: Mapping[str, Any]) -> list[KvKey]:
+        return [(*self._index, inbox, str(record["id"])) for inbox in sorted(_inboxes(record))]
+
+    def _write_index(self, record: Mapping[str, Any]) -> None:
+        written: list[KvKey] = []
+        try:
+            for key in self._index_keys(record):
+                self.kv.set(key, True)
+                written.append(key)
+        except (TypeError, ValueError):
+            # An inbox URL too long for a key: leave nothing half-written.
+            for key in written:
+                self.kv.delete(key)
+            raise
+
+    def _unindex(self, record: Mapping[str, Any], keep: Mapping[str, Any] | None = None) -> None:
+        kept = set(self._index_keys(keep)) if keep is not None else set()
+        for key in self._index_keys(record):
+            if key not in kept:
+                self.kv.delete(key)
 
     def add(self, actor: Mapping[str, Any]) -> Follower:
         """Add or refresh a follower and return the stored record.
@@ -61,6 +96,8 @@ class Followers:
         """
         record = _record_from(actor)
         key = self._key(str(record["id"]))
+        # The index first: a record is never stored unreachable from its inboxes.
+        self._write_index(record)
         # A new follower is the common case: one round trip when it is.
         if self.kv.cas(key, None, record):
             self._bump(1)
@@ -72,19 +109,26 @@ class Followers:
             if self.kv.cas(key, current, record):
                 if current is None:
                     self._bump(1)
+                elif isinstance(current, dict):
+                    self._unindex(current, keep=record)  # the inboxes it moved away from
                 return record
         raise RuntimeError(f"could not store follower {record['id']!r}: too much contention")
 
     def remove(self, actor_id: str) -> bool:
         """Remove a follower; return whether it was one."""
+        return self._remove(actor_id, self.kv.get(self._key(actor_id)))
+
+    def _remove(self, actor_id: str, current: JsonValue | None) -> bool:
         key = self._key(actor_id)
         for _ in range(_MAX_CAS_ATTEMPTS):
-            current = self.kv.get(key)
             if current is None:
                 return False
             if self.kv.cas(key, current, None):
                 self._bump(-1)
+                if isinstance(current, dict):
+                    self._unindex(current)
                 return True
+            current = self.kv.get(key)
         raise RuntimeError(f"could not remove follower {actor_id!r}: too much contention")
 
     def get(self, actor_id: str) -> Follower | None:
@@ -141,22 +185,54 @@ class Followers:
         """Remove every follower whose ``inbox`` or ``sharedInbox`` is ``inbox_url``.
 
         Called when a delivery to that URL answers 404/410: the actors behind it
-        are gone.  Returns the number of followers removed.
+        are gone.  Reads only the index entries of that inbox and their records
+        (O(followers behind it)).  Returns the number of followers removed.
         """
-        doomed = [
-            str(record["id"])
-            for record in self.iter()
-            if inbox_url in (record.get("inbox"), record.get("sharedInbox"))
-        ]
-        return sum(1 for actor_id in doomed if self.remove(actor_id))
+        if self.kv.get(self._indexed_key) is None:
+            self.reindex()
+        removed = 0
+        for key, _ in self.kv.list((*self._index, inbox_url)):
+            actor_id = key[-1]
+            current = self.kv.get(self._key(actor_id))
+            if isinstance(current, dict) and inbox_url in _inboxes(current):
+                removed += self._remove(actor_id, current)
+            else:
+                self.kv.delete(key)  # left by a process that died mid-write
+        return removed
+
+    def reindex(self) -> int:
+        """Write the inbox index entries of every follower (O(followers)); return how many.
+
+        Needed once for followers stored before the index existed;
+        :meth:`drop_inbox` calls it by itself when the index was never built.
+        """
+        total = 0
+        for record in self.iter():
+            self._write_index(record)
+            total += 1
+        self.kv.set(self._indexed_key, True)
+        return total
 
     def _bump(self, delta: int) -> None:
         for _ in range(_MAX_CAS_ATTEMPTS):
             current = self.kv.get(self._count_key)
             value = current if isinstance(current, int) else 0
+            if current is None and delta > 0:
+                self._mark_indexed_if_first()
             if self.kv.cas(self._count_key, current, max(value + delta, 0)):
                 return
         raise RuntimeError("could not update the followers counter: too much contention")
+
+    def _mark_indexed_if_first(self) -> None:
+        # No counter yet: if the follower just added is the only one, every
+        # follower of this actor is indexed from the start and no reindex is
+        # due.  Older data (records without a counter) keeps the marker unset.
+        if len(list(islice(self.kv.list(self._prefix), 2))) <= 1:
+            self.kv.set(self._indexed_key, True)
+
+
+def _inboxes(record: Mapping[str, Any]) -> set[str]:
+    return {url for url in (record.get("inbox"), record.get("sharedInbox")) if isinstance(url, str)}
 
 
 def _record_from(actor: Mapping[str, Any]) -> Follower:

@@ -15,9 +15,9 @@ authorized-fetch mode requires) with Mastodon's limits: connect 5 s, read 10 s,
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from .._version import __version__
 from ..errors import BotkitError
+from .addresses import UnsafeDestinationError, check_address, check_host_spelling
 from .signatures import SignatureError, sign_request
 
 __all__ = [
@@ -67,10 +68,6 @@ DEFAULT_USER_AGENT = f"botkit-tasks/{__version__}"
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
-class UnsafeDestinationError(BotkitError):
-    """A URL is refused: not https, or its host resolves to a non-public address."""
-
-
 class FetchError(BotkitError):
     """A fetch failed: network error, timeout, HTTP error status, oversized or non-JSON body.
 
@@ -88,35 +85,6 @@ class FetchError(BotkitError):
 # ---------------------------------------------------------------- SSRF checks
 
 
-def check_address(address: str) -> None:
-    """Refuse an IP address that is not a public unicast address.
-
-    Private, loopback, link-local, multicast, reserved, unspecified and
-    shared (CGNAT) ranges are refused, as are IPv4-mapped/compatible IPv6
-    forms of them (``::ffff:127.0.0.1``).
-
-    Raises:
-        UnsafeDestinationError: The address is not public (or not an address).
-    """
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    except ValueError as exc:
-        raise UnsafeDestinationError(f"{address!r} is not an IP address") from exc
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-        # is_global also excludes 100.64.0.0/10 and other special-purpose ranges.
-        or not ip.is_global
-    ):
-        raise UnsafeDestinationError(f"{ip} is not a public address")
-
-
 def _resolve(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -129,6 +97,7 @@ def _resolve(host: str, port: int) -> list[str]:
 
 
 def _checked_addresses(host: str, port: int) -> list[str]:
+    check_host_spelling(host)
     addresses = _resolve(host, port)
     # Refuse if ANY address is private: a client may pick any of them.
     for address in addresses:
@@ -210,7 +179,9 @@ class _GuardedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def guarded_transport(*, allow_private_addresses: bool) -> httpx.HTTPTransport:
+def guarded_transport(
+    *, allow_private_addresses: bool, ssl_context: ssl.SSLContext | None = None
+) -> httpx.HTTPTransport:
     """An httpx transport that refuses non-public addresses at connect time.
 
     With ``allow_private_addresses=True`` it is a plain ``httpx.HTTPTransport``.
@@ -221,13 +192,23 @@ def guarded_transport(*, allow_private_addresses: bool) -> httpx.HTTPTransport:
     Connections to a refused address raise :class:`UnsafeDestinationError`
     (not an ``httpx`` error).  Proxies from the environment are not used by
     such a client (the check would otherwise apply to the proxy).
+
+    TLS is verified against the URL's host name (SNI and certificate) although
+    the socket goes to the address that was checked.
+
+    Args:
+        allow_private_addresses: Permit any address (tests, loopback demos).
+        ssl_context: How servers are verified (e.g. a private CA); default:
+            httpx's (the ``certifi`` roots).  A failed verification is an
+            ``httpx.ConnectError``, sent before any byte of the request.
     """
-    transport = httpx.HTTPTransport(retries=0)
+    context = ssl_context if ssl_context is not None else httpx.create_ssl_context()
+    transport = httpx.HTTPTransport(retries=0, verify=context)
     if not allow_private_addresses:
         # httpx has no public hook for the network backend, so the pool is
-        # rebuilt with httpx's own TLS defaults and the guarded backend.
+        # rebuilt with the same TLS context and the guarded backend.
         transport._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=context,
             network_backend=_GuardedBackend(),
         )
     return transport

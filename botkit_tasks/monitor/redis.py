@@ -18,6 +18,7 @@ in one ``MULTI`` block, so they are a consistent snapshot.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterable
@@ -27,16 +28,17 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name, q_name, xq_name
 
-from . import (
+from .base import (
     DeadLetter,
     Inspector,
     QueueStats,
     RetryingMessage,
     WorkerInfo,
-    _at_ms,
-    _from_ms,
-    _requeue_copy,
+    at_ms,
+    from_ms,
+    requeue_copy,
 )
+from .middleware import WORKERS_KEY
 
 __all__ = ["RedisInspector"]
 
@@ -105,10 +107,14 @@ class RedisInspector(Inspector):
         return stats
 
     def workers(self) -> list[WorkerInfo]:
-        """Broker instances whose heartbeat is within ``heartbeat_timeout``.
+        """Worker processes whose heartbeat is within ``heartbeat_timeout``.
 
-        ``RedisBroker`` refreshes the heartbeat on every command, so a process
-        that only enqueues (a web process) is listed too, with nothing in flight.
+        ``RedisBroker`` refreshes the heartbeat on every command, enqueues
+        included, so a heartbeat alone does not make a worker.  Listed are the
+        broker instances registered by a booting worker's
+        :class:`~botkit_tasks.monitor.middleware.MonitorMiddleware`, and any
+        other instance holding fetched, unacked messages (a consumer without
+        the middleware).  Processes that only enqueue are not listed.
         """
         now_ms = time.time() * 1000
         timeout_ms = float(getattr(self.broker, "heartbeat_timeout", 60_000))
@@ -118,9 +124,10 @@ class RedisInspector(Inspector):
                 self._key("__heartbeats__"), now_ms - timeout_ms, "+inf", withscores=True
             ),
         )
+        live = {_text(raw_id): score for raw_id, score in beats}
+        registered = self._registered_workers(live, now_ms - timeout_ms)
         workers = []
-        for raw_id, score in beats:
-            worker_id = _text(raw_id)
+        for worker_id, score in live.items():
             ack_prefix = self._key(f"__acks__.{worker_id}.")
             ack_keys = [
                 key
@@ -128,6 +135,8 @@ class RedisInspector(Inspector):
                 # Delayed messages held in memory wait for their ETA; they are not being run.
                 if not _text(key).endswith(".DQ")
             ]
+            if worker_id not in registered and not ack_keys:
+                continue  # a producer, or an idle consumer without the middleware
             in_flight = 0
             if ack_keys:
                 with self.client.pipeline(transaction=False) as pipe:
@@ -135,9 +144,30 @@ class RedisInspector(Inspector):
                         pipe.scard(key)
                     in_flight = sum(int(n) for n in pipe.execute())
             workers.append(
-                WorkerInfo(id=worker_id, last_heartbeat=_at_ms(score), in_flight=in_flight)
+                WorkerInfo(id=worker_id, last_heartbeat=at_ms(score), in_flight=in_flight)
             )
         return sorted(workers, key=lambda w: w.id)
+
+    def _registered_workers(self, live: dict[str, float], stale_before_ms: float) -> set[str]:
+        """Registered worker ids; forgets those killed without deregistering."""
+        key = self._key(WORKERS_KEY)
+        registered: set[str] = set()
+        gone: list[str] = []
+        for raw_id, raw in self.client.hgetall(key).items():
+            worker_id = _text(raw_id)
+            try:
+                since = float(json.loads(raw).get("since", 0))
+            except (ValueError, AttributeError):
+                since = 0.0
+            if worker_id in live:
+                registered.add(worker_id)
+            elif since < stale_before_ms:
+                # No heartbeat for a whole timeout since it registered: it died
+                # (kill -9).  A worker that just booted may not have beaten yet.
+                gone.append(worker_id)
+        if gone:
+            self.client.hdel(key, *gone)
+        return registered
 
     def retrying(self, *, limit: int | None = None) -> list[RetryingMessage]:
         found = []
@@ -154,7 +184,7 @@ class RedisInspector(Inspector):
                         queue=name,
                         actor=message.actor_name,
                         retries=int(message.options["retries"]),
-                        eta=_from_ms(eta) if isinstance(eta, (int, float)) else None,
+                        eta=from_ms(eta) if isinstance(eta, (int, float)) else None,
                         last_error=message.options.get("traceback"),
                     )
                 )
@@ -189,7 +219,7 @@ class RedisInspector(Inspector):
             # The newest `limit` of each queue include the newest `limit` overall.
             for redis_id, score, message in self._dead_entries(name, limit):
                 if message is None:
-                    letters.append(DeadLetter(redis_id, name, "", (), {}, 0, None, _from_ms(score)))
+                    letters.append(DeadLetter(redis_id, name, "", (), {}, 0, None, from_ms(score)))
                     continue
                 letters.append(
                     DeadLetter(
@@ -200,7 +230,7 @@ class RedisInspector(Inspector):
                         kwargs=dict(message.kwargs),
                         retries=int(message.options.get("retries", 0)),
                         traceback=message.options.get("traceback"),
-                        died_at=_from_ms(score),
+                        died_at=from_ms(score),
                     )
                 )
         letters.sort(key=lambda d: d.died_at.timestamp() if d.died_at else 0.0, reverse=True)
@@ -218,7 +248,7 @@ class RedisInspector(Inspector):
                     continue
                 # ZREM succeeds for one caller only, so a racing requeue cannot double it.
                 if self.client.zrem(xq, redis_id):
-                    self.broker.enqueue(_requeue_copy(message))
+                    self.broker.enqueue(requeue_copy(message))
                     self.client.hdel(f"{xq}.msgs", redis_id)
                     count += 1
         return count

@@ -21,15 +21,15 @@ from sqlalchemy.engine import Connection, Engine
 
 from .._sql import atomic, is_sqlite, transaction
 from ..brokers.sql import SqlBroker
-from . import (
+from .base import (
     DeadLetter,
     Inspector,
     QueueStats,
     RetryingMessage,
     WorkerInfo,
-    _at_ms,
-    _from_ms,
-    _requeue_copy,
+    at_ms,
+    from_ms,
+    requeue_copy,
 )
 
 __all__ = ["SqlInspector"]
@@ -118,7 +118,7 @@ class SqlInspector(Inspector):
                 .order_by(w.c.worker_id)
             ).all()
         return [
-            WorkerInfo(id=worker_id, last_heartbeat=_at_ms(beat), in_flight=int(n))
+            WorkerInfo(id=worker_id, last_heartbeat=at_ms(beat), in_flight=int(n))
             for worker_id, beat, n in rows
         ]
 
@@ -145,7 +145,7 @@ class SqlInspector(Inspector):
                 queue=q_name(queue_name),
                 actor=actor_name,
                 retries=int(retries),
-                eta=_from_ms(available_at),
+                eta=from_ms(available_at),
                 last_error=last_error,
             )
             for message_id, queue_name, actor_name, retries, available_at, last_error in rows
@@ -195,7 +195,7 @@ class SqlInspector(Inspector):
                     kwargs=kwargs,
                     retries=int(retries or 0),
                     traceback=traceback,
-                    died_at=_from_ms(dead_at),
+                    died_at=from_ms(dead_at),
                 )
             )
         return letters
@@ -223,7 +223,7 @@ class SqlInspector(Inspector):
                     sa.delete(m).where(m.c.id == row_id, m.c.state == "dead")
                 ).rowcount
                 if deleted:
-                    self.broker.enqueue(_requeue_copy(message))
+                    self.broker.enqueue(requeue_copy(message))
                     count += 1
         return count
 

@@ -31,6 +31,7 @@ if KIND == "sql":
         table_prefix=PREFIX,
         poll_interval=0.2,
         heartbeat_timeout=float(os.environ.get("BOTKIT_HEARTBEAT_TIMEOUT", "60")),
+        listen=os.environ.get("BOTKIT_PG_LISTEN", "1") != "0",
     )
 else:
     from dramatiq.brokers.redis import RedisBroker

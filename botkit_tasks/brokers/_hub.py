@@ -1,0 +1,231 @@
+"""The consumers of one broker in one process: wake-ups and grouped acks.
+
+Consumers register here per queue.  A commit that adds messages wakes the
+consumers of its queues at once (in this process directly; in other
+processes through ``NOTIFY``, which the listener turns back into
+:meth:`Hub.wake_one`).  Acks are grouped: a consumer's ack only records the
+row id, and the next claim (or a flush after :data:`ACK_DELAY`) deletes them
+all in one statement.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from .._sql import on_commit
+from ._dberrors import closed, is_transient
+from ._schema import Statements
+
+if TYPE_CHECKING:
+    from ._wakeup import SqliteWakeups
+
+__all__ = ["ACK_DELAY", "Hub", "Waiter", "chunks"]
+
+#: Longest time (s) an ack waits to be grouped with others into one DELETE.
+ACK_DELAY = 0.005
+#: Most ids in one ``IN (...)`` list (SQLite caps bound parameters).
+_CHUNK = 5000
+
+
+def chunks(ids: Sequence[int]) -> Iterable[list[int]]:
+    """``ids`` in lists short enough for one ``IN (...)``."""
+    for start in range(0, len(ids), _CHUNK):
+        yield list(ids[start : start + _CHUNK])
+
+
+class Waiter(Protocol):
+    """A consumer as the hub sees it."""
+
+    queue_name: str
+    pid: int
+
+    def wake(self) -> None:
+        """Stop waiting and look for messages now."""
+
+
+W = TypeVar("W", bound=Waiter)
+
+
+class Hub(Generic[W]):
+    """Wake-ups and grouped acks of one broker's consumers in this process."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        statements: Statements,
+        *,
+        postgres: bool,
+        notify: bool,
+        wakeups: SqliteWakeups | None = None,
+    ) -> None:
+        self.engine = engine
+        self.statements = statements
+        self.postgres = postgres
+        #: Send ``NOTIFY`` on commit (PostgreSQL, unless ``listen=False``).
+        self.notify = notify
+        #: Loopback datagrams to consumers in other processes (SQLite).
+        self.wakeups = wakeups
+        self.lock = threading.Lock()
+        self._waiters: dict[str, set[W]] = {}
+        self._orphans: dict[str, list[W]] = {}
+        self._acks: list[int] = []
+        self._acks_since = 0.0
+
+    # -- consumers -------------------------------------------------------------
+
+    def subscribe(self, consumer: W) -> None:
+        """Wake ``consumer`` when its queue gets messages."""
+        with self.lock:
+            self._waiters.setdefault(consumer.queue_name, set()).add(consumer)
+
+    def unsubscribe(self, consumer: W) -> None:
+        """Stop waking ``consumer``."""
+        with self.lock:
+            self._waiters.get(consumer.queue_name, set()).discard(consumer)
+
+    def add_orphan(self, consumer: W) -> None:
+        """Keep a closed consumer whose rows the next consumer of its queue adopts."""
+        with self.lock:
+            self._orphans.setdefault(consumer.queue_name, []).append(consumer)
+
+    def take_orphans(self, queue_name: str) -> list[W]:
+        """The orphans of ``queue_name`` made by this process (not inherited by fork)."""
+        with self.lock:
+            orphans = self._orphans.pop(queue_name, [])
+        return [old for old in orphans if old.pid == os.getpid()]
+
+    # -- wake-ups --------------------------------------------------------------
+
+    def wake(self, queues: Iterable[str]) -> None:
+        """Wake the consumers of ``queues`` in this process."""
+        for queue in queues:
+            self.wake_one(queue)
+
+    def wake_one(self, queue: str) -> None:
+        """Wake the consumers of ``queue`` in this process."""
+        with self.lock:
+            consumers = list(self._waiters.get(queue, ()))
+        for consumer in consumers:
+            consumer.wake()
+
+    def wake_all(self) -> None:
+        """Wake every consumer in this process (a lost listener connection came back)."""
+        with self.lock:
+            queues = list(self._waiters)
+        for queue in queues:
+            self.wake_one(queue)
+
+    def announce(self, queues: Iterable[str]) -> None:
+        """Wake consumers of committed rows: here, and (SQLite) in other processes."""
+        queues = list(queues)
+        self.wake(queues)
+        if self.wakeups is not None:
+            self.wakeups.announce(queues)
+
+    def receive_wakeups(self) -> None:
+        """Start taking wake-ups from other processes (SQLite; idempotent)."""
+        if self.wakeups is not None:
+            self.wakeups.ensure_receiving(self.wake_one)
+
+    def close(self) -> None:
+        """Stop taking and sending cross-process wake-ups."""
+        if self.wakeups is not None:
+            self.wakeups.close()
+
+    def notify_on(self, conn: Connection, queues: Sequence[str], *, local: bool = True) -> None:
+        """Wake consumers of ``queues`` once the transaction on ``conn`` commits.
+
+        ``local=False`` is for transactions not opened by :func:`transaction`,
+        whose commit hooks never run; the caller then wakes this process itself.
+        """
+        if self.notify:
+            # Postgres folds identical notifications of one transaction into one,
+            # but each pg_notify() is still a round trip: skip repeats.
+            # Per savepoint: a rolled-back savepoint discards its NOTIFY, so
+            # the enclosing transaction must not count it as sent.
+            txn = conn.get_nested_transaction() or conn.get_transaction()
+            seen: tuple[Any, set[str]] | None = conn.info.get("botkit_notified")
+            if seen is None or seen[0] is not txn:
+                seen = (txn, set())
+                conn.info["botkit_notified"] = seen
+            for queue in queues:
+                if queue not in seen[1]:
+                    conn.execute(self.statements.notify, {"queue": queue})
+                    seen[1].add(queue)
+        if local:
+            on_commit(conn, lambda: self.announce(queues))
+
+    # -- grouped acks ----------------------------------------------------------
+
+    def add_ack(self, row_id: int) -> None:
+        """Record the ack of ``row_id``; deleted with the next claim or flush."""
+        with self.lock:
+            if not self._acks:
+                self._acks_since = time.monotonic()
+            self._acks.append(row_id)
+            orphan = not any(self._waiters.values())
+        if orphan:
+            # No consumer left to flush it (e.g. an ack after shutdown began).
+            try:
+                self.flush_acks_now()
+            except sa.exc.DBAPIError as exc:
+                if is_transient(self.engine, exc):
+                    raise closed(exc) from exc
+                raise
+
+    @property
+    def acks_pending(self) -> bool:
+        """Whether acks wait to be deleted."""
+        return bool(self._acks)
+
+    @property
+    def acks_flush_at(self) -> float:
+        """``time.monotonic()`` by which the pending acks must be deleted."""
+        return self._acks_since + ACK_DELAY
+
+    def acks_due(self, now: float) -> bool:
+        """Whether the oldest pending ack has waited :data:`ACK_DELAY`."""
+        return bool(self._acks) and now - self._acks_since >= ACK_DELAY
+
+    def flush_acks_now(self) -> None:
+        """DELETE the pending acks in a transaction of their own."""
+        restore: Callable[[], None] | None = None
+        try:
+            with self.engine.begin() as conn:
+                restore = self.flush_acks(conn)
+        except BaseException:
+            if restore is not None:  # the commit failed: nothing was deleted
+                restore()
+            raise
+
+    def take_acks(self) -> tuple[list[int], Callable[[], None]]:
+        """Take the pending acks; call the returned function to put them back
+        if the statement deleting them fails, so that no ack is lost."""
+        with self.lock:
+            ids, self._acks = self._acks, []
+
+        def restore() -> None:
+            with self.lock:
+                if not self._acks:
+                    self._acks_since = time.monotonic()
+                self._acks.extend(ids)
+
+        return ids, restore
+
+    def flush_acks(self, conn: Connection) -> Callable[[], None]:
+        """DELETE the pending acks on ``conn``; returns the restore function."""
+        ids, restore = self.take_acks()
+        try:
+            for chunk in chunks(ids):
+                conn.execute(self.statements.delete, {"ids": chunk})
+        except BaseException:
+            restore()
+            raise
+        return restore
