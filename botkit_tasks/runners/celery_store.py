@@ -32,6 +32,7 @@ import redis
 from dramatiq.common import current_millis
 from dramatiq.message import Message
 
+from ..brokers._schema import now_ms
 from ..brokers.sql import SqlBroker
 from ..errors import ConfigurationError
 
@@ -100,7 +101,7 @@ class SqlJobStore(JobStore):
         self.broker.enqueue(job.message(error), delay=max(int(delay * 1000), 1))
 
     def dead(self, job: CeleryJob, error: str) -> None:
-        m, now = self.broker.messages, self.broker._now
+        m, now = self.broker.messages, now_ms(self.broker.engine)
         message = job.message(error)
         with self.broker.engine.begin() as conn:
             conn.execute(
