@@ -537,3 +537,37 @@ def test_celery_runner_on_redis(redis_url: str, opened: list[Backends]) -> None:
     opened.append(b)
     assert b.runner == "celery" and b.kind == "redis" and b.celery_url == redis_url
     assert _send(b, unique_name("cq")) == 1
+
+
+def test_a_celery_worker_runs_the_app_from_env(
+    tmp_path: Path, redis_url: str, opened: list[Backends]
+) -> None:
+    # Given BOTKIT_RUNNER=celery on a SQLite file, and a real `celery -A` worker
+    # whose app module calls from_env() (tests/celery_apps/envbot.py)
+    import redis
+    from _celery_support import celery_worker, wait_until
+
+    queue, key = unique_name("envq"), unique_name("envkey-")
+    env = {
+        "BOTKIT_RUNNER": "celery",
+        "BOTKIT_SQLITE_PATH": str(tmp_path / "bot.sqlite3"),
+        "BOTKIT_PREFIX": "envbot",
+        "DATABASE_URL": "",
+        "REDIS_URL": "",
+        "CELERY_TEST_QUEUE": queue,
+        "CELERY_TEST_KEY": key,
+        "CELERY_TEST_REDIS": redis_url,
+    }
+    b = from_env(env)
+    opened.append(b)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with celery_worker("celery_apps.envbot", queue, env, concurrency=2):
+            # When the web side sends a task through its own from_env() app
+            b.celery_app("web").send_task("envbot.record", args=["hello"], queue=queue)
+            # Then the worker runs it, and the row is gone from envbot_messages
+            assert wait_until(lambda: client.lrange(key, 0, -1) == [b"hello"], 30)
+            assert wait_until(lambda: _queued_rows(b, queue) == 0, 10)
+    finally:
+        client.delete(key)
+        client.close()
