@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import unique_name
 
+from botkit_tasks.brokers.retry_guard import RetryGuard
 from botkit_tasks.config import Backends, from_env, from_urls
 from botkit_tasks.errors import ConfigurationError
 from botkit_tasks.monitor.middleware import MonitorMiddleware
@@ -97,8 +98,10 @@ def test_database_url_sqlite(tmp_path: Path, opened: list[Backends]) -> None:
     opened.append(b)
     assert b.kind == "sqlite"
     assert b.kv.engine is b.broker.engine  # type: ignore[attr-defined]
-    # Workers record tracebacks of every failed attempt for the monitor
+    # Workers record tracebacks of every failed attempt for the monitor, and a
+    # retry that cannot be enqueued is dead-lettered, not lost
     assert any(isinstance(m, MonitorMiddleware) for m in b.broker.middleware)
+    assert any(isinstance(m, RetryGuard) for m in b.broker.middleware)
 
 
 # --- PostgreSQL --------------------------------------------------------------------------
@@ -445,3 +448,126 @@ def test_in_memory_sqlite_uri_is_refused(url: str) -> None:
     # Each process (the web app, every worker) would get its own empty queue
     with pytest.raises(ConfigurationError, match=r"^DATABASE_URL: an in-memory"):
         from_env({"DATABASE_URL": url})
+
+
+# --- BOTKIT_RUNNER -----------------------------------------------------------------------
+
+
+def test_runner_defaults_to_dramatiq(tmp_path: Path, opened: list[Backends]) -> None:
+    # Given no BOTKIT_RUNNER
+    b = from_env({"BOTKIT_SQLITE_PATH": str(tmp_path / "d.sqlite3")})
+    opened.append(b)
+    # Then the runner is Dramatiq and there is no Celery app to have
+    assert b.runner == "dramatiq" and b.celery_url is None
+    with pytest.raises(ConfigurationError, match=r"^BOTKIT_RUNNER"):
+        b.celery_app("bot")
+
+
+@pytest.mark.parametrize("value", ["rq", "celery5", "dramatiq,celery", " "])
+def test_bad_runner_names_the_variable_and_builds_nothing(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "never.sqlite3"
+    with pytest.raises(ConfigurationError) as info:
+        from_env({"BOTKIT_RUNNER": value, "BOTKIT_SQLITE_PATH": str(path)})
+    assert str(info.value).startswith("BOTKIT_RUNNER")
+    assert "dramatiq, celery" in str(info.value)
+    assert not path.exists()
+
+
+def _queued_rows(b: Backends, queue: str) -> int:
+    import sqlalchemy as sa
+
+    assert b.engine is not None
+    table = sa.Table(f"{b.prefix}_messages", sa.MetaData(), autoload_with=b.engine)
+    with b.engine.connect() as conn:
+        query = sa.select(sa.func.count()).where(table.c.queue_name == queue)
+        return int(conn.execute(query).scalar_one())
+
+
+def _send(b: Backends, queue: str) -> int:
+    """Send one task through ``b.celery_app()``; the queue's length seen by kombu."""
+    app = b.celery_app("cfgbot")
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    app.send_task("cfg.noop", args=[1], queue=queue)
+    with app.connection_for_write() as conn:
+        count = int(conn.default_channel.queue_declare(queue, passive=True).message_count)
+        if b.kind == "redis":
+            conn.default_channel.queue_delete(queue)
+    return count
+
+
+def test_celery_runner_on_sqlite_queues_into_the_prefixed_table(
+    tmp_path: Path, opened: list[Backends]
+) -> None:
+    # Given BOTKIT_RUNNER=celery on the embedded SQLite file, with a prefix
+    env = {
+        "BOTKIT_RUNNER": "Celery",
+        "BOTKIT_SQLITE_PATH": str(tmp_path / "c.sqlite3"),
+        "BOTKIT_PREFIX": "cbot",
+    }
+    b = from_env(env)
+    opened.append(b)
+    assert b.runner == "celery"
+    assert b.celery_url == f"botkit+sqlite:///{tmp_path}/c.sqlite3"
+    # When a task is sent through the app it builds
+    queue = unique_name("cq")
+    # Then it is a row of cbot_messages, the table the Dramatiq broker uses
+    assert _send(b, queue) == 1
+    assert _queued_rows(b, queue) == 1
+
+
+def test_celery_runner_on_postgres_keeps_the_password_out_of_repr(
+    database_url: str, opened: list[Backends]
+) -> None:
+    prefix = unique_name("cfgc")
+    b = from_env({"BOTKIT_RUNNER": "celery", "DATABASE_URL": database_url, "BOTKIT_PREFIX": prefix})
+    try:
+        assert b.runner == "celery" and b.kind == "postgresql"
+        assert b.celery_url is not None and b.celery_url.startswith("botkit+postgresql")
+        assert b.celery_url not in repr(b)
+        queue = unique_name("cq")
+        assert _send(b, queue) == 1
+        assert _queued_rows(b, queue) == 1
+    finally:
+        _drop_sql_tables(b)
+        b.close()
+
+
+def test_celery_runner_on_redis(redis_url: str, opened: list[Backends]) -> None:
+    b = from_env({"BOTKIT_RUNNER": "celery", "REDIS_URL": redis_url})
+    opened.append(b)
+    assert b.runner == "celery" and b.kind == "redis" and b.celery_url == redis_url
+    assert _send(b, unique_name("cq")) == 1
+
+
+def test_a_celery_worker_runs_the_app_from_env(
+    tmp_path: Path, redis_url: str, opened: list[Backends]
+) -> None:
+    # Given BOTKIT_RUNNER=celery on a SQLite file, and a real `celery -A` worker
+    # whose app module calls from_env() (tests/celery_apps/envbot.py)
+    import redis
+    from _celery_support import celery_worker, wait_until
+
+    queue, key = unique_name("envq"), unique_name("envkey-")
+    env = {
+        "BOTKIT_RUNNER": "celery",
+        "BOTKIT_SQLITE_PATH": str(tmp_path / "bot.sqlite3"),
+        "BOTKIT_PREFIX": "envbot",
+        "DATABASE_URL": "",
+        "REDIS_URL": "",
+        "CELERY_TEST_QUEUE": queue,
+        "CELERY_TEST_KEY": key,
+        "CELERY_TEST_REDIS": redis_url,
+    }
+    b = from_env(env)
+    opened.append(b)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with celery_worker("celery_apps.envbot", queue, env, concurrency=2):
+            # When the web side sends a task through its own from_env() app
+            b.celery_app("web").send_task("envbot.record", args=["hello"], queue=queue)
+            # Then the worker runs it, and the row is gone from envbot_messages
+            assert wait_until(lambda: client.lrange(key, 0, -1) == [b"hello"], 30)
+            assert wait_until(lambda: _queued_rows(b, queue) == 0, 10)
+    finally:
+        client.delete(key)
+        client.close()

@@ -42,6 +42,7 @@ def build_demo_bot(db_path: str | Path, base_url: str, *, global_broker: bool) -
     """
     from .._sql import create_engine
     from ..bot import Bot
+    from ..brokers.retry_guard import install_retry_guard
     from ..brokers.sql import SqlBroker
     from ..kv.sql import SqlKvStore
     from ..monitor.middleware import MonitorMiddleware
@@ -51,6 +52,7 @@ def build_demo_bot(db_path: str | Path, base_url: str, *, global_broker: bool) -
     # Short polls: retries become due within a fraction of a second.
     broker = SqlBroker(engine, poll_interval=0.1)
     broker.add_middleware(MonitorMiddleware())
+    install_retry_guard(broker)
     bot = Bot(
         "demo",
         base_url=base_url,

@@ -256,12 +256,18 @@ class Demo:
         inbox = bot.federation.inbox_url
 
         def follow(actor: RemoteActor, client: httpx.Client) -> bool:
-            headers, body = remote.signed_follow(actor, bot.actor_id, inbox)
-            try:
-                response = client.post(inbox, headers=headers, content=body)
-            except httpx.HTTPError:
-                return False
-            return response.status_code == 202
+            # As a real server does, a 429 (the inbox's flood limits) is retried
+            # after its Retry-After.
+            for _ in range(20):
+                headers, body = remote.signed_follow(actor, bot.actor_id, inbox)
+                try:
+                    response = client.post(inbox, headers=headers, content=body)
+                except httpx.HTTPError:
+                    return False
+                if response.status_code != 429:
+                    return response.status_code == 202
+                time.sleep(min(float(response.headers.get("retry-after", "1")), 5.0))
+            return False
 
         limits = httpx.Limits(max_connections=16)
         pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="botkit-demo-follow")

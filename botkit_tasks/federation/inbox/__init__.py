@@ -12,7 +12,9 @@ Status codes: 202 accepted (also for duplicates and for a self-``Delete`` of an
 actor we do not know, which is ignored without fetching anything); 400 a body
 that is not a JSON object or an activity without a usable actor; 401 a missing
 or bad signature, a digest mismatch, or a key whose owner is not the actor;
-404 another path; 405 another method; 413 a body over 1 MiB; 503 when the
+404 another path; 405 another method; 413 a body over 1 MiB; 429 with
+``Retry-After`` beyond the flood limits (:mod:`.limits`: per sending host,
+overall, and for key fetches from slow key servers); 503 when the
 key-value store or the broker fails (the sender retries).  Hostile input never
 produces a 5xx.
 """
@@ -36,6 +38,7 @@ from .job import (
 from .job import INBOX_MAX_BACKOFF_MS as INBOX_MAX_BACKOFF_MS
 from .job import INBOX_MAX_RETRIES as INBOX_MAX_RETRIES
 from .job import INBOX_MIN_BACKOFF_MS as INBOX_MIN_BACKOFF_MS
+from .limits import InboxLimits
 
 __all__ = [
     "ACTOR_CACHE_TTL",
@@ -45,6 +48,7 @@ __all__ = [
     "SEEN_TTL",
     "InboxApp",
     "InboxContext",
+    "InboxLimits",
     "declare_inbox_actor",
     "load_actor",
     "process_inbox_job",

@@ -17,10 +17,11 @@ import httpx
 from ...errors import StoreError
 from ..activities import MalformedActivityError, first_id, has_type, require_actor_id
 from ..delivery import host_of, reset_host
-from ..keys import verify_incoming
+from ..keys import KeyResolver, verify_incoming
 from ..signatures import SignatureError, signature_key_id
 from .asgi import Receive, Reject, Scope, Send, lifespan, parse_activity, read_body, respond
 from .job import INBOX_ACTOR_NAME
+from .limits import InboxLimits, KeyFetchGate, KeyFetchThrottled, RateLimiter, retry_after_header
 
 if TYPE_CHECKING:
     from ..base import InboxFederation
@@ -46,15 +47,34 @@ def _origin(url: str) -> tuple[str, int | None] | None:
         return None
 
 
+def _sender_host(headers: Mapping[str, str]) -> str:
+    """The host the signature's ``keyId`` names (``""`` when unsigned or unparsable)."""
+    try:
+        key_id = signature_key_id(headers)
+        return host_of(key_id) if key_id else ""
+    except Exception:
+        return ""
+
+
 class InboxApp:
     """The ASGI application for ``{actor_id}/inbox`` and the shared ``{base_url}/inbox``.
 
     A plain ASGI callable: mount it in any ASGI server or framework.  Requests
     to other paths get 404.
+
+    Args:
+        federation: The receiving federation.
+        limits: Flood limits (:class:`~.limits.InboxLimits`; its defaults when
+            omitted).  Requests beyond them get ``429`` with ``Retry-After``.
     """
 
-    def __init__(self, federation: InboxFederation) -> None:
+    def __init__(self, federation: InboxFederation, *, limits: InboxLimits | None = None) -> None:
         self.federation = federation
+        self.limits = limits if limits is not None else InboxLimits()
+        self.rate = RateLimiter(self.limits)
+        self._gate: KeyFetchGate | None = None
+        self._gated_keys: KeyResolver | None = None
+        self._gated_from: KeyResolver | None = None
         self.paths = frozenset(
             {
                 urlsplit(federation.inbox_url).path,
@@ -82,15 +102,53 @@ class InboxApp:
             await respond(send, 405, "use POST", extra=[(b"allow", b"POST")])
             return
         headers = httpx.Headers(list(scope.get("headers") or ()))
-        try:
-            body = await read_body(headers, receive)
-        except Reject as exc:
-            await respond(send, exc.status, exc.reason)
+        # Limits first: a flood costs neither a body read nor a thread.
+        wait = self.rate.admit(_sender_host(headers))
+        if wait is not None:
+            await respond(send, 429, "too many requests", extra=[retry_after_header(wait)])
             return
-        status, reason = await anyio.to_thread.run_sync(
-            self.handle, self._target_url(scope), headers, body
-        )
-        await respond(send, status, reason)
+        try:
+            try:
+                body = await read_body(headers, receive)
+            except Reject as exc:
+                await respond(send, exc.status, exc.reason)
+                return
+            status, reason, retry_after = await anyio.to_thread.run_sync(
+                self._handle_limited, self._target_url(scope), headers, body
+            )
+        finally:
+            self.rate.done()
+        extra = [retry_after_header(retry_after)] if retry_after is not None else None
+        await respond(send, status, reason, extra=extra)
+
+    def _keys(self) -> KeyResolver:
+        """The federation's key resolver, its fetches bounded by the inbox's limits."""
+        keys = self.federation.keys
+        if self._gated_from is not keys or self._gated_keys is None:
+            if self._gate is not None:
+                self._gate.close()
+            self._gate = KeyFetchGate(keys.fetcher, self.limits)
+            self._gated_keys = KeyResolver(
+                keys.kv,
+                self._gate,
+                ttl=keys.ttl,
+                failure_ttl=keys.failure_ttl,
+                min_refresh_interval=keys.min_refresh_interval,
+            )
+            self._gated_from = keys
+        return self._gated_keys
+
+    def _handle_limited(
+        self, url: str, headers: Mapping[str, str], body: bytes
+    ) -> tuple[int, str, float | None]:
+        keys = self._keys()
+        assert self._gate is not None
+        with self._gate.budget():
+            try:
+                status, reason = self.handle(url, headers, body, keys=keys)
+            except KeyFetchThrottled as exc:
+                return 429, str(exc), exc.retry_after
+        return status, reason, None
 
     def _target_url(self, scope: Scope) -> str:
         # Verify against the URL the sender signed: our public origin (the
@@ -106,14 +164,24 @@ class InboxApp:
             path = f"{path}?{query.decode('latin-1')}"
         return f"{self._origin}{path}"
 
-    def handle(self, url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, str]:
+    def handle(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        keys: KeyResolver | None = None,
+    ) -> tuple[int, str]:
         """Process one inbox POST synchronously; return ``(status, reason)``.
 
         Runs in a worker thread (it may read the store and fetch keys).  Exposed
-        for tests and for frameworks that already read the body.
+        for tests and for frameworks that already read the body; the rate limits
+        apply only to requests through the ASGI interface.
         """
         try:
-            return self._handle(url, headers, body)
+            return self._handle(url, headers, body, keys or self.federation.keys)
+        except KeyFetchThrottled:
+            raise
         except Reject as exc:
             return exc.status, exc.reason
         except StoreError:
@@ -125,7 +193,9 @@ class InboxApp:
             logger.exception("inbox: request could not be processed")
             return 400, "request could not be processed"
 
-    def _handle(self, url: str, headers: Mapping[str, str], body: bytes) -> tuple[int, str]:
+    def _handle(
+        self, url: str, headers: Mapping[str, str], body: bytes, keys: KeyResolver
+    ) -> tuple[int, str]:
         federation = self.federation
         activity = parse_activity(body)
         try:
@@ -151,14 +221,14 @@ class InboxApp:
             raise Reject(401, "signing key and actor are on different hosts")
 
         try:
-            _verified, remote_key = verify_incoming("POST", url, headers, body, federation.keys)
+            _verified, remote_key = verify_incoming("POST", url, headers, body, keys)
         except SignatureError as exc:
-            if self._is_self_delete(activity, actor_id) and self._key_unavailable(key_id):
+            if self._is_self_delete(activity, actor_id) and self._key_unavailable(key_id, keys):
                 # The deleted actor's key is gone too (404/410): nothing can be
                 # verified, and the sender would retry for days. Nothing is queued.
                 return 202, "ignored"
             raise Reject(401, f"signature verification failed: {exc}"[:300]) from exc
-        except StoreError:
+        except (StoreError, KeyFetchThrottled):
             raise
         except Exception as exc:
             logger.debug("inbox: verification error", exc_info=True)
@@ -238,10 +308,10 @@ class InboxApp:
             # Ids the store cannot even hold as keys were never stored.
             return False
 
-    def _key_unavailable(self, key_id: str) -> bool:
+    def _key_unavailable(self, key_id: str, keys: KeyResolver) -> bool:
         try:
-            return self.federation.keys.resolve(key_id) is None
-        except StoreError:
+            return keys.resolve(key_id) is None
+        except (StoreError, KeyFetchThrottled):
             raise
         except Exception:
             return True

@@ -35,6 +35,12 @@ transaction pooler (PgBouncer in ``transaction`` mode, RDS Proxy, Supabase's
 pooler): no ``LISTEN``, no session state, no prepared statements; workers in
 other processes poll every second.  It has no effect on SQLite.
 
+``BOTKIT_RUNNER`` (default ``dramatiq``) names the task runner: ``dramatiq``
+or ``celery``.  With ``celery``, :meth:`Backends.celery_app` builds a Celery app
+on the same database (our ``botkit+…`` transport on the ``{prefix}_messages``
+table) or Redis, with the at-least-once settings of
+:mod:`botkit_tasks.runners.celery`.
+
 Every malformed value raises :class:`~botkit_tasks.errors.ConfigurationError`
 whose message starts with the variable's name.  Passwords never appear in
 messages or in :attr:`Backends.url`.
@@ -42,27 +48,30 @@ messages or in :attr:`Backends.url`.
 
 from __future__ import annotations
 
-import ipaddress
+import importlib.util
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, urlsplit
 
-from .errors import ConfigurationError, StoreError
+from ..errors import ConfigurationError, StoreError
+from .redis_url import _FALSE, _REDIS_PARTS, _TRUE, _redact, _redis_url_from_env
 
 if TYPE_CHECKING:
+    import celery
     import dramatiq
     from sqlalchemy.engine import Engine
 
-    from .kv.base import KvStore
+    from ..kv.base import KvStore
 
 __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_SQLITE_PATH",
+    "RUNNERS",
     "BackendKind",
     "Backends",
+    "Runner",
     "from_env",
     "from_urls",
 ]
@@ -73,15 +82,13 @@ DEFAULT_SQLITE_PATH = "botkit.sqlite3"
 #: Name prefix of tables and keys when ``BOTKIT_PREFIX`` is not set.
 DEFAULT_PREFIX = "botkit"
 
-#: Default port of ``REDIS_HOST`` when ``REDIS_PORT`` is not set.
-DEFAULT_REDIS_PORT = 6379
 
 BackendKind = Literal["sqlite", "postgresql", "redis"]
+Runner = Literal["dramatiq", "celery"]
+#: The values ``BOTKIT_RUNNER`` accepts, the default first.
+RUNNERS: tuple[Runner, ...] = ("dramatiq", "celery")
 
 _PREFIX_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,30}")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-_REDIS_PARTS = ("REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_TLS")
 #: The variables that choose the backend (the CLI clears them before it sets its own).
 BACKEND_VARIABLES = ("DATABASE_URL", "REDIS_URL", "BOTKIT_BACKEND", *_REDIS_PARTS)
 _BACKEND_NAMES: dict[str, BackendKind] = {
@@ -106,6 +113,9 @@ class Backends:
         url: The URL in use, password hidden (for logs and ``botkit-tasks status``).
         engine: The SQLAlchemy engine shared by ``kv`` and ``broker`` (SQL backends
             only): pass it to :func:`botkit_tasks.atomic`.
+        runner: ``"dramatiq"`` or ``"celery"`` (``BOTKIT_RUNNER``).
+        celery_url: The Celery broker URL on the same backend (password included,
+            so never logged): ``botkit+<database URL>`` or the Redis URL.
     """
 
     kv: KvStore
@@ -113,6 +123,31 @@ class Backends:
     kind: BackendKind
     url: str
     engine: Engine | None = field(default=None, repr=False)
+    runner: Runner = "dramatiq"
+    celery_url: str | None = field(default=None, repr=False)
+    prefix: str = DEFAULT_PREFIX
+
+    def celery_app(self, name: str) -> celery.Celery:
+        """A Celery app named ``name`` whose broker is this backend's queue.
+
+        Configured by :func:`botkit_tasks.runners.celery.configure` (late acks,
+        durable retries).  On SQL its transport uses the ``{prefix}_`` tables.
+
+        Raises:
+            ConfigurationError: ``BOTKIT_RUNNER`` is not ``celery``.
+        """
+        if self.runner != "celery" or self.celery_url is None:
+            raise ConfigurationError(
+                f"BOTKIT_RUNNER: is {self.runner!r}; set it to 'celery' for a Celery app"
+            )
+        from celery import Celery
+
+        from ..runners.celery import configure
+
+        app = Celery(name, broker=self.celery_url)
+        if self.kind != "redis":
+            app.conf.broker_transport_options = {"table_prefix": f"{self.prefix}_"}
+        return configure(app)
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.kv, self.broker))
@@ -140,6 +175,39 @@ def from_env(environ: Mapping[str, str] | None = None) -> Backends:
             ambiguous; the message names the variable.
     """
     env = {k: v for k, v in (os.environ if environ is None else environ).items() if v != ""}
+    runner = _runner(env)
+    backends = _backends(env)
+    if runner == "dramatiq":
+        return backends
+    return replace(backends, runner=runner, celery_url=_celery_url(backends, env))
+
+
+def _runner(env: Mapping[str, str]) -> Runner:
+    """``BOTKIT_RUNNER``, checked before anything is built."""
+    raw = env.get("BOTKIT_RUNNER", "dramatiq")
+    name = raw.strip().lower()
+    for runner in RUNNERS:
+        if name == runner:
+            break
+    else:
+        raise ConfigurationError(f"BOTKIT_RUNNER: {raw!r} is not one of {', '.join(RUNNERS)}")
+    if runner == "celery" and importlib.util.find_spec("celery") is None:
+        raise ConfigurationError(
+            "BOTKIT_RUNNER: 'celery' needs Celery; install the extra botkit-tasks[celery]"
+        )
+    return runner
+
+
+def _celery_url(backends: Backends, env: Mapping[str, str]) -> str:
+    """The Celery broker URL of ``backends``, password kept."""
+    if backends.kind == "redis":
+        url = _redis_url_from_env(env) or ""
+        return "redis+socket://" + url.removeprefix("unix://") if url.startswith("unix:") else url
+    assert backends.engine is not None
+    return "botkit+" + backends.engine.url.render_as_string(hide_password=False)
+
+
+def _backends(env: Mapping[str, str]) -> Backends:
     prefix = _prefix(env)
     database_url = env.get("DATABASE_URL")
     redis_url = _redis_url_from_env(env)
@@ -239,93 +307,11 @@ def _sqlite_url(env: Mapping[str, str]) -> str:
     return f"sqlite:///{os.path.abspath(path)}"
 
 
-def _redis_url_from_env(env: Mapping[str, str]) -> str | None:
-    url = env.get("REDIS_URL")
-    parts = [name for name in _REDIS_PARTS if name in env]
-    if url is not None:
-        if parts:
-            raise ConfigurationError(
-                f"REDIS_URL: cannot be combined with {', '.join(parts)}; use one or the other"
-            )
-        _check_redis_url(url)
-        return url
-    if not parts:
-        return None
-    if "REDIS_HOST" not in env:
-        raise ConfigurationError(f"{parts[0]}: is set but REDIS_HOST is not")
-    host = env["REDIS_HOST"].strip()
-    if not host or any(c in host for c in "/@?# ") or not host.isprintable():
-        raise ConfigurationError(f"REDIS_HOST: {host!r} is not a host name or address")
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host.removeprefix("[").removesuffix("]"))
-        except ValueError:
-            raise ConfigurationError(
-                f"REDIS_HOST: {host!r} is not a host name or address (put the port in REDIS_PORT)"
-            ) from None
-    port = DEFAULT_REDIS_PORT
-    if "REDIS_PORT" in env:
-        raw = env["REDIS_PORT"].strip()
-        if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 65536:
-            raise ConfigurationError(f"REDIS_PORT: {raw!r} is not a port number (1-65535)")
-        port = int(raw)
-    tls = False
-    if "REDIS_TLS" in env:
-        flag = env["REDIS_TLS"].strip().lower()
-        if flag not in _TRUE | _FALSE:
-            raise ConfigurationError(
-                f"REDIS_TLS: {env['REDIS_TLS']!r} is not a boolean "
-                "(true/false, 1/0, yes/no, on/off)"
-            )
-        tls = flag in _TRUE
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # a bare IPv6 address
-    auth = f":{quote(env['REDIS_PASSWORD'], safe='')}@" if "REDIS_PASSWORD" in env else ""
-    return f"{'rediss' if tls else 'redis'}://{auth}{host}:{port}/0"
-
-
-def _check_redis_url(url: str) -> None:
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises ValueError on a non-numeric or out-of-range port
-    except ValueError as exc:
-        raise ConfigurationError(f"REDIS_URL: malformed URL {_redact(url)!r} ({exc})") from exc
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigurationError(
-            f"REDIS_URL: unsupported scheme {parts.scheme!r} in {_redact(url)!r}; "
-            "use redis://, rediss:// or unix://"
-        )
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise ConfigurationError(f"REDIS_URL: {_redact(url)!r} has no socket path")
-        return
-    if not parts.hostname:
-        raise ConfigurationError(f"REDIS_URL: {_redact(url)!r} has no host")
-    if port == 0:
-        raise ConfigurationError(f"REDIS_URL: port 0 in {_redact(url)!r}")
-    db = parts.path.lstrip("/")
-    if db and not db.isdigit():
-        raise ConfigurationError(f"REDIS_URL: database {db!r} in {_redact(url)!r} is not a number")
-
-
-def _redact(url: str) -> str:
-    """``url`` with its password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
-
-
 def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> Backends:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import DBAPIError, NoSuchModuleError
 
-    from ._sql import create_engine, normalize_url
+    from .._sql import create_engine, normalize_url
 
     try:
         parsed = normalize_url(url)
@@ -340,9 +326,10 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
         # Workers and the web app must see the same queue: a private in-memory
         # database per connection would silently lose every message.
         raise ConfigurationError(f"{variable}: an in-memory SQLite database cannot hold a queue")
-    from .brokers.sql import SqlBroker
-    from .kv.sql import SqlKvStore
-    from .monitor.middleware import MonitorMiddleware
+    from ..brokers.retry_guard import install_retry_guard
+    from ..brokers.sql import SqlBroker
+    from ..kv.sql import SqlKvStore
+    from ..monitor.middleware import MonitorMiddleware
 
     prefix = prefix or DEFAULT_PREFIX
     # Behind a transaction pooler the next transaction may run on another server
@@ -358,6 +345,7 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
         kv = SqlKvStore(engine, table_name=f"{prefix}_kv")
         broker = SqlBroker(engine, table_prefix=f"{prefix}_", listen=listen)
         broker.add_middleware(MonitorMiddleware())
+        install_retry_guard(broker)
     except BaseException as exc:
         engine.dispose()
         cause = getattr(exc, "orig", None) or exc.__cause__ or exc
@@ -373,14 +361,15 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
         raise
     shown = make_url(parsed).render_as_string(hide_password=True)
     kind: BackendKind = "sqlite" if backend == "sqlite" else "postgresql"
-    return Backends(kv=kv, broker=broker, kind=kind, url=shown, engine=engine)
+    return Backends(kv=kv, broker=broker, kind=kind, url=shown, engine=engine, prefix=prefix)
 
 
 def _redis_backends(url: str, prefix: str | None) -> Backends:
     from dramatiq.brokers.redis import RedisBroker
 
-    from .kv.redis import RedisKvStore
-    from .monitor.middleware import MonitorMiddleware
+    from ..brokers.retry_guard import install_retry_guard
+    from ..kv.redis import RedisKvStore
+    from ..monitor.middleware import MonitorMiddleware
 
     try:
         kv = RedisKvStore(url, key_prefix=f"{prefix or DEFAULT_PREFIX}:")
@@ -391,7 +380,10 @@ def _redis_backends(url: str, prefix: str | None) -> Backends:
     try:
         broker = RedisBroker(url=url, namespace=prefix or "dramatiq")  # type: ignore[no-untyped-call]
         broker.add_middleware(MonitorMiddleware())
+        install_retry_guard(broker)
     except BaseException:
         kv.close()
         raise
-    return Backends(kv=kv, broker=broker, kind="redis", url=_redact(url))
+    return Backends(
+        kv=kv, broker=broker, kind="redis", url=_redact(url), prefix=prefix or DEFAULT_PREFIX
+    )

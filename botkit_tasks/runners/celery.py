@@ -1,0 +1,209 @@
+"""Declare a :class:`~botkit_tasks.runners.spec.JobSpec` as a Celery task.
+
+At-least-once settings (:func:`configure` puts them on the app, and every task
+declared here carries them too):
+
+- ``acks_late=True``: the message is acked after the task ran, not when it
+  was received, so a worker that dies mid-task leaves it in the broker;
+- ``reject_on_worker_lost=True``: a pool process killed mid-task (SIGKILL,
+  OOM) puts the message back instead of acking it as failed;
+- ``task_acks_on_failure_or_timeout=True``, chosen on purpose: every failure
+  the task body sees is first recorded durably by this runner — as a delayed
+  retry or as a dead letter with its traceback — and only then is the message
+  acked.  ``False`` would reject a failed message; on Redis that drops it, and
+  on any broker a job that always hits the hard time limit would come back
+  at once, forever.  The one failure the body never sees, the *hard* time
+  limit (the pool process is killed), is recorded as a dead letter by a
+  ``task_failure`` handler in the worker (Celery >= 5.7 sends it for hard
+  time limits; before that such a job is only marked failed).  A spec's
+  ``time_limit`` is the *soft* limit (raised inside the body, so retried by
+  the policy); the hard one is 30 s later.
+
+Retries never use Celery's ``countdown``: :mod:`.celery_store` keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import traceback
+from typing import Any
+
+import celery
+from celery import bootsteps, signals
+from celery.exceptions import Retry, TimeLimitExceeded
+
+from . import kombu_sql
+from .celery_store import CeleryJob, JobStore, store_for_url
+from .spec import JobSpec, checked_arguments, decide
+
+__all__ = ["AT_LEAST_ONCE", "HARD_LIMIT_GRACE", "configure", "declare_task", "store_for"]
+
+logger = logging.getLogger(__name__)
+
+#: The settings :func:`configure` applies (see the module docstring).
+AT_LEAST_ONCE: dict[str, Any] = {
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "task_acks_on_failure_or_timeout": True,
+    "broker_connection_retry_on_startup": True,
+}
+#: Seconds between a spec's (soft) time limit and the hard one.
+HARD_LIMIT_GRACE = 30.0
+#: Seconds between two looks at the Redis retry schedule, per worker.
+RELEASE_INTERVAL = 0.25
+
+kombu_sql.register()
+
+
+def store_for(app: celery.Celery) -> JobStore:
+    """The durable retry schedule and dead-letter store of ``app``'s broker."""
+    options = dict(app.conf.broker_transport_options or {})
+    return store_for_url(str(app.conf.broker_url), options)
+
+
+def _publish(app: celery.Celery, job: CeleryJob) -> None:
+    app.send_task(
+        job.name,
+        args=job.args,
+        kwargs=job.kwargs,
+        task_id=job.task_id,
+        queue=job.queue,
+        retries=job.retries,
+    )
+
+
+class ReleaseRetries(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep: a thread that publishes due retries (Redis schedule only)."""
+
+    label = "botkit retries"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, worker: Any) -> None:
+        app = worker.app
+        if not str(app.conf.broker_url).startswith(("redis://", "rediss://")):
+            return  # the SQL transport delivers due rows itself
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, args=(app,), name="botkit-release-retries", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, app: celery.Celery) -> None:
+        store = store_for(app)
+        while not self._stop.is_set():
+            try:
+                if store.release(lambda job: _publish(app, job)):
+                    continue
+            except Exception:
+                logger.exception("Could not release due retries; trying again")
+            self._stop.wait(RELEASE_INTERVAL)
+
+    def stop(self, worker: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+
+def configure(app: celery.Celery) -> celery.Celery:
+    """Apply :data:`AT_LEAST_ONCE` and install the retry releaser (idempotent)."""
+    if getattr(app, "_botkit_configured", False):
+        return app
+    app.conf.update(AT_LEAST_ONCE)
+    app.steps["worker"].add(ReleaseRetries)
+    app._botkit_configured = True
+    app._botkit_specs = {}
+    return app
+
+
+def declare_task(spec: JobSpec, app: celery.Celery) -> celery.Task:
+    """Declare ``spec`` on ``app`` and return the task (name ``spec.name``, queue ``spec.queue``).
+
+    The task runs the body; on a failure :func:`~.spec.decide` picks a retry
+    (written to :func:`store_for`'s schedule, then the task ends in state
+    ``RETRY``) or a dead letter (written with its traceback, then the task
+    ends in ``FAILURE``).
+    """
+    configure(app)
+    body = checked_arguments(spec.body)
+    policy = spec.policy
+    limits: dict[str, Any] = {}
+    if spec.time_limit is not None:
+        limits = {
+            "soft_time_limit": spec.time_limit,
+            "time_limit": spec.time_limit + HARD_LIMIT_GRACE,
+        }
+
+    def run(self: celery.Task, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return body(*args, **kwargs)
+        except Exception as exc:
+            retries = int(self.request.retries or 0)
+            decision = decide(policy, exc, retries)
+            job = CeleryJob(
+                spec.name, spec.queue, list(args), dict(kwargs), self.request.id, retries
+            )
+            error = traceback.format_exc()
+            store = store_for(self.app)
+            if decision.retry:
+                job = CeleryJob(**{**job.__dict__, "retries": retries + 1})
+                store.schedule(job, decision.delay, error)
+                logger.info(
+                    "%s[%s] retries in %.1f s: %s",
+                    spec.name,
+                    job.task_id,
+                    decision.delay,
+                    decision.reason,
+                )
+                raise Retry(decision.reason, exc, decision.delay) from exc
+            logger.warning("%s[%s] is dead: %s", spec.name, job.task_id, decision.reason)
+            store.dead(job, error)
+            raise
+
+    # Celery compiles a signature from the name: it must be an identifier.
+    run.__name__ = run.__qualname__ = re.sub(r"\W", "_", spec.name)
+    run.__doc__ = spec.body.__doc__
+    task = app.task(
+        name=spec.name,
+        queue=spec.queue,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        acks_on_failure_or_timeout=True,
+        max_retries=policy.max_retries,
+        typing=False,
+        **limits,
+    )(run)
+    app._botkit_specs[spec.name] = spec
+    return task
+
+
+def _hard_time_limit(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **extra: Any,
+) -> None:
+    # Sent in the worker's main process when a pool process is killed for the
+    # hard time limit, before the message is acked: keep it as a dead letter.
+    if not isinstance(exception, TimeLimitExceeded) or sender is None:
+        return
+    app = sender.app
+    spec = getattr(app, "_botkit_specs", {}).get(sender.name)
+    if spec is None or task_id is None:
+        return
+    einfo = extra.get("einfo")
+    error = str(getattr(einfo, "traceback", "")) or f"TimeLimitExceeded: {exception}"
+    job = CeleryJob(spec.name, spec.queue, list(args or ()), dict(kwargs or {}), task_id, 0)
+    store_for(app).dead(job, error)
+
+
+signals.task_failure.connect(_hard_time_limit, weak=False)

@@ -1,0 +1,1 @@
+"""Celery apps that the Celery tests run in real ``celery worker`` processes."""
