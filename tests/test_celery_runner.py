@@ -93,7 +93,8 @@ class Setup:
                 ).scalar_one()
             return left == 0
         # Celery's Redis transport keeps unacked messages in the "unacked" hash.
-        return not any(task_id.encode() in raw for raw in self.redis.hvals("unacked"))
+        unacked = str(self.options.get("unacked_key", "unacked"))
+        return not any(task_id.encode() in raw for raw in self.redis.hvals(unacked))
 
     def make_due(self, task_id: str) -> None:
         """Move the clock: the retry of ``task_id`` is due now."""
@@ -116,7 +117,16 @@ def setup(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Setup]:
     options: dict[str, object]
     if request.param == "redis":
         url = redis_url
-        options = {"visibility_timeout": 1, "botkit_key_prefix": f"{key}:"}
+        # Unacked messages under keys of this test's own: with a 1 s visibility
+        # timeout, workers sharing kombu's default "unacked" hash would restore
+        # each other's messages.
+        options = {
+            "visibility_timeout": 1,
+            "botkit_key_prefix": f"{key}:",
+            "unacked_key": f"{key}:unacked",
+            "unacked_index_key": f"{key}:unacked_index",
+            "unacked_mutex_key": f"{key}:unacked_mutex",
+        }
     else:
         name = "database_url" if request.param == "postgres" else "sqlite_url"
         db = sa.make_url(str(request.getfixturevalue(name)))
