@@ -38,7 +38,7 @@ def _find(paths: tuple[str, ...], name: str) -> str | None:
 
 
 def _driver(*, javascript: bool = True) -> Any:
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     binary, driver = _find(CHROMIUM, "chromium"), _find(DRIVER, "chromedriver")

@@ -147,15 +147,9 @@ class Bot:
         self.summary = summary or ""
         self.kv = kv
         self.broker = broker
-        self._follow: list[BotHandler] = []
-        self._unfollow: list[BotHandler] = []
-        self._mention: list[BotHandler] = []
-        self._message: list[BotHandler] = []
+        # The user's handlers, by the event InboxHandlers reports.
         self._handlers: dict[str, list[BotHandler]] = {
-            "follow": self._follow,
-            "unfollow": self._unfollow,
-            "message": self._message,
-            "mention": self._mention,
+            event: [] for event in ("follow", "unfollow", "message", "mention")
         }
         InboxHandlers(self, self._run_handlers)
         if set_global_broker:
@@ -197,17 +191,17 @@ class Bot:
 
     def on_follow(self, handler: BotHandler) -> BotHandler:
         """Register ``handler(ctx, follow)``, called after a new follower is stored and accepted."""
-        self._follow.append(_callable(handler))
+        self._handlers["follow"].append(_callable(handler))
         return handler
 
     def on_unfollow(self, handler: BotHandler) -> BotHandler:
         """Register ``handler(ctx, undo)``, called after a follower has been removed."""
-        self._unfollow.append(_callable(handler))
+        self._handlers["unfollow"].append(_callable(handler))
         return handler
 
     def on_mention(self, handler: BotHandler) -> BotHandler:
         """Register ``handler(ctx, note)`` for notes that tag or directly address the bot."""
-        self._mention.append(_callable(handler))
+        self._handlers["mention"].append(_callable(handler))
         return handler
 
     def on_message(self, handler: BotHandler) -> BotHandler:
@@ -216,7 +210,7 @@ class Bot:
         That includes posts of the accounts the bot follows, and mentions
         (which also run the ``on_mention`` handlers).
         """
-        self._message.append(_callable(handler))
+        self._handlers["message"].append(_callable(handler))
         return handler
 
     @overload

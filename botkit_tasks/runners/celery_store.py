@@ -19,6 +19,7 @@ the current message is acked, and the retry is published when it is due.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -74,16 +75,16 @@ class CeleryJob:
         )
 
 
-class JobStore:
+class JobStore(abc.ABC):
     """Durable delayed retries and dead letters of one Celery broker."""
 
+    @abc.abstractmethod
     def schedule(self, job: CeleryJob, delay: float, error: str) -> None:
         """Keep ``job`` until ``delay`` seconds from now, then have it published."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def dead(self, job: CeleryJob, error: str) -> None:
         """Keep ``job`` as a dead letter with its traceback ``error``."""
-        raise NotImplementedError
 
     def release(self, publish: Callable[[CeleryJob], None]) -> int:
         """Publish the retries that are due; return how many (no-op where the broker does it)."""
