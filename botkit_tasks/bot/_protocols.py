@@ -10,8 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    import dramatiq
-
     from ..federation import Federation
     from ..kv.base import KvStore
 
@@ -25,7 +23,8 @@ class BotCore(Protocol):
     name: str
     summary: str
     kv: KvStore
-    broker: dramatiq.Broker
+    #: The Dramatiq broker or the Celery app.
+    broker: Any
     federation: Federation
 
     @property

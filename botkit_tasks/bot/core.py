@@ -43,16 +43,18 @@ from ..federation import Federation
 from ..federation.activities import embedded, first_id, has_type
 from . import documents, outgoing
 from .handlers import InboxHandlers
+from .jobs import check_counts, declare_job
 
 if TYPE_CHECKING:
+    import celery
+
     from ..federation.delivery import DeliveryOptions
     from ..federation.inbox import InboxContext
     from ..kv.base import KvStore
+    from ..runners.base import Runner
     from .web import BotApp
 
 __all__ = ["Bot", "BotContext", "BotHandler"]
-
-_COUNT_OPTIONS = ("max_retries", "min_backoff", "max_backoff", "time_limit", "max_age")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -103,12 +105,15 @@ class Bot:
         name: Display name.
         summary: A short plain-text description (escaped into HTML).
         kv: Any :class:`~botkit_tasks.kv.KvStore`.
-        broker: The Dramatiq broker the bot's jobs run on.
+        broker: The Dramatiq broker the bot's jobs run on, or a
+            ``celery.Celery`` app (its jobs are then Celery tasks; see
+            :attr:`celery`).
         allow_private_addresses: Allow ``http://`` and loopback/private
             addresses (tests and loopback demos only).
         delivery_options: Retry and timeout policy of deliveries.
         user_agent: ``User-Agent`` of outgoing requests.
-        set_global_broker: Make ``broker`` Dramatiq's global broker (default).
+        set_global_broker: Make ``broker`` Dramatiq's global broker (default;
+            ignored for a Celery app).
     """
 
     def __init__(
@@ -119,7 +124,7 @@ class Bot:
         name: str | None = None,
         summary: str | None = None,
         kv: KvStore,
-        broker: dramatiq.Broker,
+        broker: Any,
         allow_private_addresses: bool = False,
         delivery_options: DeliveryOptions | None = None,
         user_agent: str | None = None,
@@ -152,7 +157,7 @@ class Bot:
             event: [] for event in ("follow", "unfollow", "message", "mention")
         }
         InboxHandlers(self, self._run_handlers)
-        if set_global_broker:
+        if set_global_broker and isinstance(broker, dramatiq.Broker):
             dramatiq.set_broker(broker)
 
     def __repr__(self) -> str:
@@ -214,40 +219,53 @@ class Bot:
         return handler
 
     @overload
-    def job(self, fn: Callable[P, R]) -> dramatiq.Actor[P, R]: ...
+    def job(self, fn: Callable[P, R]) -> Any: ...
 
     @overload
-    def job(
-        self, fn: None = None, **actor_options: Any
-    ) -> Callable[[Callable[P, R]], dramatiq.Actor[P, R]]: ...
+    def job(self, fn: None = None, **actor_options: Any) -> Callable[[Callable[P, R]], Any]: ...
 
     def job(
         self, fn: Callable[P, R] | None = None, **actor_options: Any
-    ) -> dramatiq.Actor[P, R] | Callable[[Callable[P, R]], dramatiq.Actor[P, R]]:
-        """Turn a function into a Dramatiq actor on :attr:`broker`.
+    ) -> Any | Callable[[Callable[P, R]], Any]:
+        """Turn a function into a job of the bot's runner.
 
         Usable bare (``@bot.job``) or with Dramatiq actor options
         (``@bot.job(max_retries=3, queue_name="digests")``).  The queue is
-        ``"default"`` unless ``queue_name`` is given.  Call ``.send(...)`` or
-        ``.send_with_options(args=..., delay=ms)`` on the result to enqueue.
+        ``"default"`` unless ``queue_name`` is given.  On Dramatiq the result
+        is a ``dramatiq.Actor``; on Celery a task declared with the
+        at-least-once settings, which takes the same retry options (see
+        :mod:`botkit_tasks.bot.jobs`).  Either way ``.send(...)`` and
+        ``.send_with_options(args=..., delay=ms)`` enqueue it.
         """
-        actor_options.setdefault("queue_name", "default")
-        for option in _COUNT_OPTIONS:
-            value = actor_options.get(option)
-            if value is None:
-                continue
-            # Dramatiq takes any value here and fails later, in the worker's middleware.
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{option} must be a number, not {value!r:.100}")
-            if value < 0:
-                raise ValueError(f"{option} must not be negative: {value!r}")
 
-        def decorate(f: Callable[P, R]) -> dramatiq.Actor[P, R]:
-            return dramatiq.actor(broker=self.broker, **actor_options)(_callable(f))
+        def decorate(f: Callable[P, R]) -> Any:
+            return declare_job(self.federation.runner, f, dict(actor_options))
 
         if fn is not None:
             return decorate(fn)
+        # Bad options fail at the decorator, not at the first call.
+        check_counts(actor_options)
         return decorate
+
+    @property
+    def runner(self) -> Runner:
+        """Declares and enqueues the bot's jobs; ``runner.kind`` names the runner."""
+        return self.federation.runner
+
+    @property
+    def celery(self) -> celery.Celery:
+        """The Celery app the bot's jobs are tasks of: what ``celery -A mybot worker`` finds.
+
+        Raises:
+            AttributeError: The bot runs on a Dramatiq broker.
+        """
+        if self.runner.kind != "celery":
+            raise AttributeError(
+                f"{self!r} runs on Dramatiq ({type(self.broker).__name__}); "
+                "create it with broker=celery.Celery(...) for a Celery app"
+            )
+        app: celery.Celery = self.runner.target
+        return app
 
     # ------------------------------------------------------------------ outgoing
 

@@ -181,7 +181,7 @@ def atomic(bot: BotCore) -> Iterator[None]:
     from sqlalchemy.engine import Engine
 
     engine = getattr(bot.kv, "engine", None)
-    shared = getattr(bot.broker, "engine", None) is engine
+    shared = engine is not None and bot.federation.runner.engine is engine
     if shared and isinstance(engine, Engine):
         from .._sql import atomic as sql_atomic
 

@@ -17,6 +17,12 @@ def migrate_command(backends: Backends, out: TextIO) -> int:
         print(f"Redis ({backends.url}) needs no tables: nothing to do.", file=out)
         return EXIT_OK
     broker: Any = backends.broker
+    if backends.runner == "celery" and backends.celery_url is not None:
+        # The Celery transport's own SqlBroker on the same tables.
+        from ..runners.kombu_sql import broker_for
+
+        options = dict(getattr(broker.conf, "broker_transport_options", None) or {})
+        broker = broker_for(backends.celery_url.removeprefix("botkit+"), options)
     broker.create_tables()
     # SqlKvStore creates its table (idempotently) on first use.
     backends.kv.get(("botkit", "schema"))

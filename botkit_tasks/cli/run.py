@@ -12,7 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import ConfigurationError
-from .common import EXIT_OK
+from .common import EXIT_OK, CommandError
 
 if TYPE_CHECKING:
     from ..bot import Bot
@@ -76,6 +76,12 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
     )
     bot = load_bot(args.target)
     worker = None
+    if not args.no_workers and bot.runner.kind != "dramatiq":
+        bot.close()
+        raise CommandError(
+            f"{args.target} runs its jobs on Celery: start workers with "
+            "`celery -A <module> worker` and serve the bot with `botkit-tasks run --no-workers`"
+        )
     if not args.no_workers:
         worker = dramatiq.Worker(
             bot.broker, worker_threads=max(args.threads, 1), worker_timeout=100

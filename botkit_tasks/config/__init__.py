@@ -36,10 +36,12 @@ pooler): no ``LISTEN``, no session state, no prepared statements; workers in
 other processes poll every second.  It has no effect on SQLite.
 
 ``BOTKIT_RUNNER`` (default ``dramatiq``) names the task runner: ``dramatiq``
-or ``celery``.  With ``celery``, :meth:`Backends.celery_app` builds a Celery app
-on the same database (our ``botkit+…`` transport on the ``{prefix}_messages``
-table) or Redis, with the at-least-once settings of
-:mod:`botkit_tasks.runners.celery`.
+or ``celery``.  With ``celery``, :attr:`Backends.broker` is a Celery app named
+``BOTKIT_CELERY_APP`` (default: the prefix) on the same database (our
+``botkit+…`` transport on the ``{prefix}_messages`` table) or Redis, with the
+at-least-once settings of :mod:`botkit_tasks.runners.celery`, so
+``Bot(..., broker=backends.broker)`` runs its jobs on Celery;
+:meth:`Backends.celery_app` builds further apps.
 
 Every malformed value raises :class:`~botkit_tasks.errors.ConfigurationError`
 whose message starts with the variable's name.  Passwords never appear in
@@ -108,7 +110,9 @@ class Backends:
 
     Attributes:
         kv: The key-value store.
-        broker: The Dramatiq broker (``SqlBroker`` or ``RedisBroker``).
+        broker: What ``Bot(broker=…)`` takes: the Dramatiq broker (``SqlBroker``
+            or ``RedisBroker``), or with ``BOTKIT_RUNNER=celery`` a configured
+            Celery app on the same backend (``monitor.inspect()`` reads either).
         kind: ``"sqlite"``, ``"postgresql"`` or ``"redis"``.
         url: The URL in use, password hidden (for logs and ``botkit-tasks status``).
         engine: The SQLAlchemy engine shared by ``kv`` and ``broker`` (SQL backends
@@ -119,7 +123,7 @@ class Backends:
     """
 
     kv: KvStore
-    broker: dramatiq.Broker
+    broker: dramatiq.Broker | celery.Celery
     kind: BackendKind
     url: str
     engine: Engine | None = field(default=None, repr=False)
@@ -147,6 +151,14 @@ class Backends:
         app = Celery(name, broker=self.celery_url)
         if self.kind != "redis":
             app.conf.broker_transport_options = {"table_prefix": f"{self.prefix}_"}
+        else:
+            # Everything under the prefix: kombu's queues and unacked hash (so
+            # bots sharing one Redis never consume each other's tasks) and the
+            # runner's retry schedule and dead letters.
+            app.conf.broker_transport_options = {
+                "global_keyprefix": f"{self.prefix}:kombu:",
+                "botkit_key_prefix": f"{self.prefix}:celery:",
+            }
         return configure(app)
 
     def __iter__(self) -> Iterator[Any]:
@@ -179,7 +191,13 @@ def from_env(environ: Mapping[str, str] | None = None) -> Backends:
     backends = _backends(env)
     if runner == "dramatiq":
         return backends
-    return replace(backends, runner=runner, celery_url=_celery_url(backends, env))
+    with_celery = replace(backends, runner=runner, celery_url=_celery_url(backends, env))
+    try:
+        app = with_celery.celery_app(env.get("BOTKIT_CELERY_APP", backends.prefix))
+    finally:
+        # The Celery transport keeps its own queue connections.
+        backends.broker.close()
+    return replace(with_celery, broker=app)
 
 
 def _runner(env: Mapping[str, str]) -> Runner:

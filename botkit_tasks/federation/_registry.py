@@ -1,4 +1,4 @@
-"""The federations declared on each broker, by username.
+"""The federations declared on each broker (or Celery app), by username.
 
 Jobs carry only the username; an actor declared once on a broker serves every
 federation created on it and finds the job's own one here.
@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import dramatiq
-
     from .base import InboxFederation
 
 __all__ = ["lookup", "register"]
@@ -19,7 +17,7 @@ __all__ = ["lookup", "register"]
 _REGISTRY_ATTR = "_botkit_federations"
 
 
-def register(broker: dramatiq.Broker, username: str, federation: InboxFederation) -> None:
+def register(broker: object, username: str, federation: InboxFederation) -> None:
     """Make ``federation`` the one :func:`lookup` finds for ``username`` on ``broker``."""
     registry: dict[str, InboxFederation] | None = getattr(broker, _REGISTRY_ATTR, None)
     if registry is None:
@@ -28,7 +26,7 @@ def register(broker: dramatiq.Broker, username: str, federation: InboxFederation
     registry[username] = federation
 
 
-def lookup(broker: dramatiq.Broker, username: str) -> InboxFederation:
+def lookup(broker: object, username: str) -> InboxFederation:
     """The federation registered for ``username`` on ``broker``.
 
     Raises:

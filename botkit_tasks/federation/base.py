@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .activities import is_http_url
 
 if TYPE_CHECKING:
-    import dramatiq
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
     from ..kv.base import KvStore
+    from ..runners.base import Runner
     from .delivery.options import DeliveryOptions
     from .followers import Followers
     from .keys import KeyResolver
@@ -31,7 +31,10 @@ class FederationLike(Protocol):
     """What the delivery and fan-out actors need from the ``Federation`` facade."""
 
     kv: KvStore
-    broker: dramatiq.Broker
+    #: The Dramatiq broker or the Celery app the federation was created on.
+    broker: Any
+    #: Declares and enqueues the federation's jobs on :attr:`broker`.
+    runner: Runner
     username: str
     key_id: str
     allow_private_addresses: bool

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast, overload
 from urllib.parse import urlsplit
 
-import dramatiq
-
 from ..errors import ConfigurationError
+from ..runners.base import Runner
+from ..runners.select import runner_for
 from . import _registry
 from .base import Handler
 from .delivery import DELIVER_ACTOR_NAME, DeliveryOptions, declare_delivery_actors
@@ -77,8 +77,8 @@ def _normalise_base_url(base_url: object, *, allow_private_addresses: bool) -> s
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
-def get_federation(broker: dramatiq.Broker, username: str) -> Federation:
-    """Return the :class:`Federation` declared on ``broker`` for ``username``.
+def get_federation(broker: object, username: str) -> Federation:
+    """Return the :class:`Federation` declared on ``broker`` (or Celery app) for ``username``.
 
     Jobs carry only the username; this is how an actor finds its federation.
 
@@ -95,7 +95,9 @@ class Federation:
 
     Args:
         kv: where keys, followers, remote-key caches and de-duplication marks live.
-        broker: the Dramatiq broker the federation actors are declared on.
+        broker: the Dramatiq broker the federation's jobs are declared on as
+            actors, or a ``celery.Celery`` app they are declared on as tasks
+            (:mod:`botkit_tasks.runners`).
         base_url: the site's absolute URL, e.g. ``"https://bot.example"``; a
             trailing slash is ignored.  ``http://`` only with
             ``allow_private_addresses``.
@@ -110,7 +112,7 @@ class Federation:
         self,
         *,
         kv: KvStore,
-        broker: dramatiq.Broker,
+        broker: Any,
         base_url: str,
         username: str,
         allow_private_addresses: bool = False,
@@ -122,8 +124,8 @@ class Federation:
                 f"username {username!r} must be 1-64 letters, digits, '_', '.' or '-' "
                 "and must not start or end with '.' or '-'"
             )
-        if not isinstance(broker, dramatiq.Broker):
-            raise TypeError(f"broker must be a dramatiq.Broker, not {broker!r:.100}")
+        # TypeError for anything but a dramatiq.Broker or a celery.Celery app.
+        self.runner: Runner = runner_for(broker)
         if not isinstance(allow_private_addresses, bool):
             # bool("false") is True: a string from the environment would turn SSRF checks off.
             raise TypeError(
@@ -169,14 +171,13 @@ class Federation:
         self.followers: Followers = Followers(kv, username)
         self.inbox_app: InboxApp = InboxApp(self)
 
-        # Register before declaring: the actors look the federation up by username.
+        # Register before declaring: the jobs look the federation up by username.
         _registry.register(broker, username, self)
-        # Dramatiq refuses a second actor of the same name on a broker; the
-        # first declaration serves every federation on it (jobs carry the
-        # username), so later federations reuse it.
-        if DELIVER_ACTOR_NAME not in broker.actors:
+        # The first declaration serves every federation on the broker (jobs
+        # carry the username), so later federations reuse it.
+        if not self.runner.is_declared(DELIVER_ACTOR_NAME):
             declare_delivery_actors(self)
-        if FANOUT_ACTOR_NAME not in broker.actors:
+        if not self.runner.is_declared(FANOUT_ACTOR_NAME):
             declare_fanout_actor(self)
         declare_inbox_actor(self)
 

@@ -5,13 +5,13 @@
 on ``botkit.fanout``.  The job walks the followers in key order, takes each
 follower's shared inbox when it has one (its personal inbox otherwise),
 de-duplicates the URLs, drops hosts marked unavailable, and enqueues one
-``botkit_deliver`` message per inbox in batches -- with
-``broker.enqueue_many`` when the broker has it (``SqlBroker``: one INSERT per
-batch), through one Redis pipeline per batch on Dramatiq's ``RedisBroker``,
-else one ``enqueue`` per message (``StubBroker`` and other brokers).
+``botkit_deliver`` job per inbox in batches through the federation's runner
+(:meth:`~botkit_tasks.runners.base.Runner.enqueue_many`: one INSERT per batch
+on ``SqlBroker``, one Redis pipeline on Dramatiq's ``RedisBroker``, one
+producer on Celery).
 Each message carries only ``(username, activity_id, inbox_url)``.
 
-A fan-out job that dies midway is retried by Dramatiq; a progress cursor
+A fan-out job that dies midway is retried by its runner; a progress cursor
 (the last follower id whose deliveries were enqueued, kept for a day under
 ``("botkit", username, "fanout-progress", id)`` and removed when the job
 completes) lets the retry resume instead of starting over.  Inboxes shared with
@@ -25,12 +25,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import time
-import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
-
-import dramatiq
 
 from botkit_tasks.federation.base import FederationLike
 from botkit_tasks.federation.delivery import (
@@ -47,10 +43,13 @@ from botkit_tasks.federation.delivery.actor import (
 )
 from botkit_tasks.kv._codec import encode_value
 from botkit_tasks.kv.base import JsonValue, KvStore
+from botkit_tasks.runners.base import Job
+from botkit_tasks.runners.spec import JobSpec, RetryPolicy
 
 __all__ = [
     "BATCH_SIZE",
     "FANOUT_ACTOR_NAME",
+    "FANOUT_POLICY",
     "FANOUT_QUEUE",
     "INLINE_LIMIT",
     "FanoutStats",
@@ -65,9 +64,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The Dramatiq queue of fan-out jobs.
+#: The queue of fan-out jobs.
 FANOUT_QUEUE = "botkit.fanout"
-#: The Dramatiq actor name of a fan-out job.
+#: The job (actor / task) name of a fan-out.
 FANOUT_ACTOR_NAME = "botkit_fanout"
 #: Delivery messages enqueued per ``enqueue_many`` call.
 BATCH_SIZE = 1000
@@ -125,68 +124,13 @@ def _progress_key(username: str, activity_id: str) -> tuple[str, ...]:
     return ("botkit", username, "fanout-progress", activity_id)
 
 
-def _enqueue(broker: dramatiq.Broker, messages: Sequence[dramatiq.Message[Any]]) -> None:
-    enqueue_many = getattr(broker, "enqueue_many", None)
-    if callable(enqueue_many):
-        enqueue_many(list(messages))
-    elif _is_redis_broker(broker):
-        _enqueue_redis_pipelined(broker, messages)
-    else:
-        for message in messages:
-            broker.enqueue(message)
-
-
-def _is_redis_broker(broker: dramatiq.Broker) -> bool:
-    try:
-        from dramatiq.brokers.redis import RedisBroker
-    except ImportError:  # redis-py missing: it cannot be a RedisBroker
-        return False
-    return isinstance(broker, RedisBroker) and isinstance(getattr(broker, "scripts", None), dict)
-
-
-def _enqueue_redis_pipelined(broker: Any, messages: Sequence[dramatiq.Message[Any]]) -> None:
-    """``RedisBroker.enqueue`` for many messages in one round trip.
-
-    Dramatiq's RedisBroker has no batch API and pays one Lua call round trip
-    per message.  This sends the very same ``dispatch`` script calls (argument
-    layout as documented in Dramatiq 2's ``dispatch.lua``; maintenance left to
-    the consumers) through one non-transactional pipeline, with the same
-    ``before_enqueue``/``after_enqueue`` hooks and per-enqueue message ids.
-    """
-    dispatch = broker.scripts["dispatch"]
-    keys = [broker.namespace]
-    pipe = broker.client.pipeline(transaction=False)
-    stored = []
-    for message in messages:
-        # As RedisBroker.enqueue: every enqueue gets its own Redis-side id.
-        message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
-        broker.emit_before("enqueue", message, None)
-        args = [
-            "enqueue",
-            int(time.time() * 1000),
-            message.queue_name,
-            broker.broker_id,
-            broker.heartbeat_timeout,
-            broker.dead_message_ttl,
-            0,
-            broker._max_unpack_size(),
-            message.options["redis_message_id"],
-            message.encode(),
-        ]
-        dispatch(args=args, keys=keys, client=pipe)
-        stored.append(message)
-    pipe.execute()
-    for message in stored:
-        broker.emit_after("enqueue", message, None)
-
-
 def fan_out(
     federation: FederationLike, activity_id: str, *, batch_size: int = BATCH_SIZE
 ) -> FanoutStats:
     """Enqueue one delivery of a stored activity per distinct follower inbox.
 
     Args:
-        federation: The owning federation (its ``kv``, ``broker``,
+        federation: The owning federation (its ``kv``, ``runner``,
             ``username`` and ``followers``).
         activity_id: The id the activity was stored under by :func:`publish`.
         batch_size: Messages per enqueue call.
@@ -195,20 +139,20 @@ def fan_out(
         Counters of what was read, enqueued and skipped.
     """
     kv, username = federation.kv, federation.username
-    deliver = federation.broker.get_actor(DELIVER_ACTOR_NAME)
+    runner = federation.runner
     blocked = unavailable_hosts(kv)
     progress_key = _progress_key(username, activity_id)
     cursor = kv.get(progress_key)
     stored = kv.get(activity_key(username, activity_id))
     object_id = _object_id(stored) if isinstance(stored, dict) else activity_id
     stats = FanoutStats()
-    batch: list[dramatiq.Message[Any]] = []
+    batch: list[Job] = []
     seen: set[str] = set()
     last_id: str | None = None
 
     def flush() -> None:
         if batch:
-            _enqueue(federation.broker, batch)
+            runner.enqueue_many(batch)
             stats.batches += 1
             batch.clear()
         if last_id is not None:
@@ -228,8 +172,10 @@ def fan_out(
             stats.skipped += 1
             continue
         batch.append(
-            deliver.message_with_options(
-                args=(username, activity_id, url), ordering_key=ordering_key(object_id, url)
+            Job(
+                DELIVER_ACTOR_NAME,
+                (username, activity_id, url),
+                ordering_key=ordering_key(object_id, url),
             )
         )
         stats.inboxes += 1
@@ -248,21 +194,19 @@ def fan_out(
     return stats
 
 
-def declare_fanout_actor(federation: FederationLike) -> dramatiq.Actor[[str, str], None]:
-    """Declare ``botkit_fanout`` (queue ``botkit.fanout``) on ``federation.broker``.
+#: Retries of a fan-out job: 5 retries, 1 s doubling to at most 5 minutes.
+FANOUT_POLICY = RetryPolicy(
+    max_retries=5, min_backoff=1.0, max_backoff=300.0, permanent=(PermanentDeliveryError,)
+)
 
-    The actor takes ``(username, activity_id)``.  ``botkit_deliver`` must be
-    declared on the same broker (:func:`declare_delivery_actors`).
+
+def declare_fanout_actor(federation: FederationLike) -> Any:
+    """Declare ``botkit_fanout`` (queue ``botkit.fanout``) on ``federation.runner``.
+
+    The job takes ``(username, activity_id)``.  ``botkit_deliver`` must be
+    declared on the same runner (:func:`declare_delivery_actors`).  Returns
+    the Dramatiq actor or the Celery task.
     """
-    broker = federation.broker
-    wanted: dict[str, Any] = {
-        "max_retries": 5,
-        "min_backoff": 1000,
-        "max_backoff": 300_000,
-        "throws": (PermanentDeliveryError,),
-    }
-    actor_options = {k: v for k, v in wanted.items() if k in broker.actor_options}
-
     owner = federation
 
     def botkit_fanout(username: str, activity_id: str) -> None:
@@ -278,13 +222,13 @@ def declare_fanout_actor(federation: FederationLike) -> dramatiq.Actor[[str, str
             return
         fan_out(federation, activity_id)
 
-    fanout_actor: dramatiq.Actor[[str, str], None] = dramatiq.actor(
-        actor_name=FANOUT_ACTOR_NAME,
-        queue_name=FANOUT_QUEUE,
-        broker=broker,
-        **actor_options,
-    )(checked_arguments(botkit_fanout))
-    return fanout_actor
+    spec = JobSpec(
+        name=FANOUT_ACTOR_NAME,
+        queue=FANOUT_QUEUE,
+        body=checked_arguments(botkit_fanout),
+        policy=FANOUT_POLICY,
+    )
+    return owner.runner.declare(spec)
 
 
 def _activity_id(activity: Mapping[str, Any]) -> str:
@@ -333,8 +277,12 @@ def enqueue_fanout(federation: FederationLike, activity: Mapping[str, Any]) -> s
         ValueError: The activity has no string ``id``.
     """
     activity_id = _store(federation, activity)
-    federation.broker.get_actor(FANOUT_ACTOR_NAME).send_with_options(
-        args=(federation.username, activity_id), ordering_key=ordering_key(_object_id(activity))
+    federation.runner.enqueue(
+        Job(
+            FANOUT_ACTOR_NAME,
+            (federation.username, activity_id),
+            ordering_key=ordering_key(_object_id(activity)),
+        )
     )
     return activity_id
 
@@ -359,12 +307,12 @@ def send(federation: FederationLike, activity: Mapping[str, Any], inboxes: Itera
     inline = len(json.dumps(activity, separators=(",", ":"))) <= INLINE_LIMIT
     if not inline:
         _store(federation, activity)
-    deliver = federation.broker.get_actor(DELIVER_ACTOR_NAME)
     body = dict(activity)
     object_id = _object_id(activity)
-    messages = [
-        deliver.message_with_options(
-            args=(federation.username, activity_id, url, body)
+    jobs = [
+        Job(
+            DELIVER_ACTOR_NAME,
+            (federation.username, activity_id, url, body)
             if inline
             else (federation.username, activity_id, url),
             kwargs=None if inline else {"direct": True},
@@ -372,6 +320,6 @@ def send(federation: FederationLike, activity: Mapping[str, Any], inboxes: Itera
         )
         for url in urls
     ]
-    if messages:
-        _enqueue(federation.broker, messages)
-    return len(messages)
+    if jobs:
+        federation.runner.enqueue_many(jobs)
+    return len(jobs)

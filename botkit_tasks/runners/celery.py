@@ -118,7 +118,17 @@ def configure(app: celery.Celery) -> celery.Celery:
     app.conf.update(AT_LEAST_ONCE)
     app.steps["worker"].add(ReleaseRetries)
     app._botkit_configured = True
-    app._botkit_specs = {}
+    specs: dict[str, JobSpec] = {}
+    app._botkit_specs = specs
+
+    def route(name: str, *args: Any, **kwargs: Any) -> dict[str, str] | None:
+        # Celery 5.7 deprecates the task's own ``queue`` attribute for routes.
+        spec = specs.get(name)
+        return None if spec is None else {"queue": spec.queue}
+
+    routes = app.conf.task_routes
+    others = list(routes) if isinstance(routes, (list, tuple)) else [routes] if routes else []
+    app.conf.task_routes = [route, *others]
     return app
 
 
@@ -171,7 +181,6 @@ def declare_task(spec: JobSpec, app: celery.Celery) -> celery.Task:
     run.__doc__ = spec.body.__doc__
     task = app.task(
         name=spec.name,
-        queue=spec.queue,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,

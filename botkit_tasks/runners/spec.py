@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import BotkitError
 
 __all__ = [
+    "CHECKED",
     "DEFAULT_MAX_BACKOFF",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_MIN_BACKOFF",
@@ -130,8 +131,12 @@ def checked_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn``, failing with :class:`PermanentJobError` on a call its signature refuses.
 
     A message with missing or unknown arguments can never succeed: retrying it
-    would only delay its dead letter by hours.
+    would only delay its dead letter by hours.  A function already checked
+    (marked with :data:`CHECKED`, e.g. by a caller raising its own
+    :class:`PermanentJobError` subclass) is returned as it is.
     """
+    if getattr(fn, CHECKED, False):
+        return fn
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -144,7 +149,12 @@ def checked_arguments(fn: Callable[..., Any]) -> Callable[..., Any]:
             ) from None
         return fn(*args, **kwargs)
 
+    setattr(checked, CHECKED, True)
     return checked
+
+
+#: Attribute marking a job function whose arguments are already checked.
+CHECKED = "_botkit_checked_arguments"
 
 
 @dataclasses.dataclass(frozen=True)

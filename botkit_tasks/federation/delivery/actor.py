@@ -14,12 +14,12 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec
 
-import dramatiq
 import httpx
 
 from botkit_tasks.federation._registry import lookup
 from botkit_tasks.federation.base import FederationLike
 from botkit_tasks.kv.base import KvKey
+from botkit_tasks.runners.spec import CHECKED, JobSpec, RetryLater, RetryPolicy
 
 from .. import stats
 from .attempt import DEFAULT_USER_AGENT, deliver_once, new_client
@@ -33,6 +33,7 @@ __all__ = [
     "activity_key",
     "checked_arguments",
     "declare_delivery_actors",
+    "delivery_policy",
     "perform_delivery",
     "require_argument",
     "resolve_federation",
@@ -41,9 +42,9 @@ __all__ = [
 # One logger for the whole package, under the name it has always had.
 logger = logging.getLogger("botkit_tasks.federation.delivery")
 
-#: The Dramatiq queue of delivery jobs.
+#: The queue of delivery jobs.
 OUTBOX_QUEUE = "botkit.outbox"
-#: The Dramatiq actor name of a delivery job.
+#: The job (actor / task) name of a delivery.
 DELIVER_ACTOR_NAME = "botkit_deliver"
 
 
@@ -63,7 +64,7 @@ def perform_delivery(
     *,
     client: httpx.Client | None = None,
 ) -> DeliveryResult:
-    """One delivery attempt with its side effects, but without Dramatiq.
+    """One delivery attempt with its side effects, outside any runner.
 
     Sends with :func:`deliver_once`, counts the outcome in the delivery
     statistics (:mod:`botkit_tasks.federation.stats`), then clears the host's
@@ -144,6 +145,7 @@ def checked_arguments(fn: Callable[_P, None]) -> Callable[_P, None]:
             ) from None
         fn(*args, **kwargs)
 
+    setattr(checked, CHECKED, True)
     return checked
 
 
@@ -160,36 +162,34 @@ def resolve_federation(owner: FederationLike, username: str) -> FederationLike:
     if username == owner.username:
         return owner
     try:
-        return lookup(owner.broker, username)
+        return lookup(owner.runner.target, username)
     except LookupError as exc:
         raise PermanentDeliveryError(str(exc)) from None
 
 
-def declare_delivery_actors(federation: FederationLike) -> dramatiq.Actor[..., None]:
-    """Declare the ``botkit_deliver`` actor (queue ``botkit.outbox``) on ``federation.broker``.
+def delivery_policy(options: DeliveryOptions) -> RetryPolicy:
+    """The retry policy of delivery jobs: ``options``' retries and backoff, permanent errors."""
+    return RetryPolicy(
+        max_retries=options.max_retries,
+        min_backoff=options.min_backoff,
+        max_backoff=options.max_backoff,
+        permanent=(PermanentDeliveryError,),
+    )
 
-    The actor takes ``(username, activity_id, inbox_url, activity=None,
+
+def declare_delivery_actors(federation: FederationLike) -> Any:
+    """Declare the ``botkit_deliver`` job (queue ``botkit.outbox``) on ``federation.runner``.
+
+    The job takes ``(username, activity_id, inbox_url, activity=None,
     direct=False)``: the body is read from the KV store unless ``activity`` is
     given inline.  Fan-out deliveries (neither inline nor ``direct``) are
     dropped when their host has meanwhile been marked unavailable.
-    Returns the actor (also reachable as ``broker.get_actor("botkit_deliver")``).
+    Returns the Dramatiq actor (also ``broker.get_actor("botkit_deliver")``)
+    or the Celery task.
     """
     owner = federation
     opts = _options(owner)
-    broker = owner.broker
-    wanted: dict[str, Any] = {
-        "max_retries": opts.max_retries,
-        "min_backoff": max(int(opts.min_backoff * 1000), 1),
-        "max_backoff": max(int(opts.max_backoff * 1000), 1),
-        "throws": (PermanentDeliveryError,),
-        # Two signed requests (double knock) each bounded by the total timeout.
-        "time_limit": int((2 * opts.total_timeout + 2 * opts.connect_timeout + 30) * 1000),
-    }
-    # @actor rejects options no installed middleware understands.
-    actor_options = {k: v for k, v in wanted.items() if k in broker.actor_options}
-    if "max_retries" not in actor_options:
-        logger.warning("Broker has no Retries middleware: deliveries will not be retried")
-    # One pooled client per declared actor, shared by the worker threads
+    # One pooled client per declared job, shared by the worker threads
     # (httpx.Client is thread-safe) so keep-alive connections are reused.
     clients: dict[bool, httpx.Client] = {}
     clients_lock = threading.Lock()
@@ -231,24 +231,26 @@ def declare_delivery_actors(federation: FederationLike) -> dramatiq.Actor[..., N
             logger.info(
                 "Delivery of %s to %s will be retried: %s", activity_id, inbox_url, result.reason
             )
-            delay = None if result.retry_after is None else int(result.retry_after * 1000)
-            raise dramatiq.Retry(f"{inbox_url}: {result.reason}", delay=delay)
+            raise RetryLater(f"{inbox_url}: {result.reason}", delay=result.retry_after)
         if result.outcome is Outcome.PERMANENT:
             logger.warning(
                 "Delivery of %s to %s failed permanently: %s", activity_id, inbox_url, result.reason
             )
             raise PermanentDeliveryError(f"{inbox_url}: {result.reason}")
 
-    deliver_actor: dramatiq.Actor[..., None] = dramatiq.actor(
-        actor_name=DELIVER_ACTOR_NAME,
-        queue_name=OUTBOX_QUEUE,
-        broker=broker,
-        **actor_options,
-    )(checked_arguments(botkit_deliver))
-    # The pool lives as long as the actor; closing it then (or at exit) shuts
+    spec = JobSpec(
+        name=DELIVER_ACTOR_NAME,
+        queue=OUTBOX_QUEUE,
+        body=checked_arguments(botkit_deliver),
+        policy=delivery_policy(opts),
+        # Two signed requests (double knock) each bounded by the total timeout.
+        time_limit=2 * opts.total_timeout + 2 * opts.connect_timeout + 30,
+    )
+    declared = owner.runner.declare(spec)
+    # The pool lives as long as the job; closing it then (or at exit) shuts
     # its keep-alive sockets cleanly instead of leaving them to the GC.
-    weakref.finalize(deliver_actor, _close_all, clients)
-    return deliver_actor
+    weakref.finalize(declared, _close_all, clients)
+    return declared
 
 
 def _close_all(clients: dict[bool, httpx.Client]) -> None:

@@ -11,8 +11,8 @@ import email.utils
 import enum
 import time
 
-from botkit_tasks.errors import BotkitError
 from botkit_tasks.federation import signatures
+from botkit_tasks.runners.spec import PermanentJobError
 
 from .options import DeliveryOptions
 
@@ -59,8 +59,8 @@ class DeliveryResult:
     body_bytes: int = 0
 
 
-class PermanentDeliveryError(BotkitError):
-    """A delivery that must not be retried (the actor's ``throws``)."""
+class PermanentDeliveryError(PermanentJobError):
+    """A delivery that must not be retried: dead-lettered at once, on either runner."""
 
 
 def classify(

@@ -15,6 +15,7 @@ import anyio.to_thread
 import httpx
 
 from ...errors import StoreError
+from ...runners.base import Job
 from ..activities import MalformedActivityError, first_id, has_type, require_actor_id
 from ..delivery import host_of, reset_host
 from ..keys import KeyResolver, verify_incoming
@@ -253,8 +254,8 @@ class InboxApp:
                         raise Reject(400, "activity id cannot be stored") from exc
                     if not first_time:
                         return 202, "duplicate"
-                federation.broker.get_actor(INBOX_ACTOR_NAME).send(
-                    federation.username, activity, actor_id
+                federation.runner.enqueue(
+                    Job(INBOX_ACTOR_NAME, (federation.username, activity, actor_id))
                 )
         except (Reject, StoreError):
             raise
@@ -270,7 +271,7 @@ class InboxApp:
         from ..._sql import atomic
 
         engine = getattr(self.federation.kv, "engine", None)
-        shared = engine is not None and getattr(self.federation.broker, "engine", None) is engine
+        shared = engine is not None and self.federation.runner.engine is engine
         if shared and isinstance(engine, Engine):
             return atomic(engine)
         return nullcontext()

@@ -9,8 +9,7 @@ import inspect
 import logging
 from typing import TYPE_CHECKING, Any
 
-import dramatiq
-
+from ...runners.spec import JobSpec, RetryPolicy
 from .._registry import lookup
 from ..activities import MalformedActivityError, first_id, require_actor_id, types
 from ..base import InboxContext
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTOR_CACHE_TTL",
     "INBOX_ACTOR_NAME",
+    "INBOX_POLICY",
     "INBOX_QUEUE",
     "declare_inbox_actor",
     "load_actor",
@@ -33,14 +33,21 @@ logger = logging.getLogger("botkit_tasks.federation.inbox")
 
 #: How long (seconds) a fetched remote actor document is cached in the key-value store.
 ACTOR_CACHE_TTL = 3600
-#: The Dramatiq actor and queue that process accepted activities.
+#: The job (actor / task) and queue that process accepted activities.
 INBOX_ACTOR_NAME = "botkit_inbox"
 INBOX_QUEUE = "botkit.inbox"
 #: Retries of an inbox job (Mastodon retries inbox processing 8 times, ~80 minutes).
 INBOX_MAX_RETRIES = 8
-#: Backoff bounds of inbox job retries, in milliseconds (Dramatiq's unit).
+#: Backoff bounds of inbox job retries, in milliseconds.
 INBOX_MIN_BACKOFF_MS = 5_000
 INBOX_MAX_BACKOFF_MS = 3_600_000
+#: The retry policy of inbox jobs; malformed activities are never retried.
+INBOX_POLICY = RetryPolicy(
+    max_retries=INBOX_MAX_RETRIES,
+    min_backoff=INBOX_MIN_BACKOFF_MS / 1000,
+    max_backoff=INBOX_MAX_BACKOFF_MS / 1000,
+    permanent=(MalformedActivityError,),
+)
 
 
 def _inbox_job(username: str, activity: dict[str, Any], actor_id: str) -> None:
@@ -50,17 +57,16 @@ def _inbox_job(username: str, activity: dict[str, Any], actor_id: str) -> None:
 _INBOX_JOB_SIGNATURE = inspect.signature(_inbox_job)
 
 
-def declare_inbox_actor(federation: InboxFederation) -> dramatiq.Actor[..., None]:
-    """Declare ``botkit_inbox`` (queue ``botkit.inbox``) on the federation's broker.
+def declare_inbox_actor(federation: InboxFederation) -> Any:
+    """Declare ``botkit_inbox`` (queue ``botkit.inbox``) on the federation's runner.
 
-    One actor serves every federation on the broker: the job carries the
-    username and finds its federation with :func:`~botkit_tasks.federation.get_federation`.
-    Declaring it again on the same broker keeps the existing actor.
+    One job serves every federation on the broker (or Celery app): it carries
+    the username and finds its federation with
+    :func:`~botkit_tasks.federation.get_federation`.  Declaring it again on
+    the same runner keeps the existing one.  Returns the Dramatiq actor or
+    the Celery task.
     """
-    broker = federation.broker
-    existing = broker.actors.get(INBOX_ACTOR_NAME)
-    if existing is not None and getattr(existing.fn, "_botkit_broker", None) is broker:
-        return existing
+    target = federation.runner.target
 
     def botkit_inbox(*args: Any, **kwargs: Any) -> None:
         # A message whose arguments do not fit can never succeed: do not retry it.
@@ -70,22 +76,15 @@ def declare_inbox_actor(federation: InboxFederation) -> dramatiq.Actor[..., None
             raise MalformedActivityError(
                 f"botkit_inbox: malformed job arguments {args!r:.200} {kwargs!r:.200}: {exc}"
             ) from None
-        process_inbox_job(lookup(broker, username), activity, actor_id)
+        process_inbox_job(lookup(target, username), activity, actor_id)
 
-    # Marks the function as ours for this broker (see the check above).
-    setattr(botkit_inbox, "_botkit_broker", broker)  # noqa: B010
-    wanted: dict[str, Any] = {
-        "max_retries": INBOX_MAX_RETRIES,
-        "min_backoff": INBOX_MIN_BACKOFF_MS,
-        "max_backoff": INBOX_MAX_BACKOFF_MS,
-        "throws": (MalformedActivityError,),
-    }
-    # @actor refuses options that no middleware of this broker understands.
-    options = {name: value for name, value in wanted.items() if name in broker.actor_options}
-    inbox_actor: dramatiq.Actor[[str, dict[str, Any], str], None] = dramatiq.actor(
-        actor_name=INBOX_ACTOR_NAME, queue_name=INBOX_QUEUE, broker=broker, **options
-    )(botkit_inbox)
-    return inbox_actor
+    spec = JobSpec(
+        name=INBOX_ACTOR_NAME,
+        queue=INBOX_QUEUE,
+        body=botkit_inbox,
+        policy=INBOX_POLICY,
+    )
+    return federation.runner.declare(spec)
 
 
 def process_inbox_job(federation: InboxFederation, activity: Any, actor_id: Any) -> None:
