@@ -36,6 +36,7 @@ from __future__ import annotations
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
@@ -78,12 +79,15 @@ class Request:
         path: Request target (path plus query string).
         headers: Received headers; lookups are case-insensitive.
         body: The raw request body.
+        received_at: When it was received (``time.monotonic()``).
     """
 
     method: str
     path: str
     headers: Message
     body: bytes
+    #: ``time.monotonic()`` when the request was received.
+    received_at: float = field(default_factory=time.monotonic)
 
     def header_dict(self) -> dict[str, str]:
         """The headers as a plain dict (original spelling, last value wins)."""
