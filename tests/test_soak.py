@@ -203,7 +203,7 @@ class Chaos:
     kills: int = 0
     terminations: int = 0
     backends_terminated: int = 0
-    failed_cuts: int = 0
+    failed_cuts: list[str] = field(default_factory=list)
 
     def run(self) -> None:
         started = time.monotonic()
@@ -226,8 +226,10 @@ class Chaos:
                             ),
                             {"app": self.app_name},
                         ).scalar()
-                except sa.exc.OperationalError:
-                    self.failed_cuts += 1  # the server refused us; try again shortly
+                except sa.exc.OperationalError as exc:
+                    # the server refused us (say, every slot taken while the
+                    # workers reconnect at once): try again shortly
+                    self.failed_cuts.append(str(exc.orig or exc).strip())
                     next_cut += 1.0
                     continue
                 next_cut += TERMINATE_EVERY
@@ -376,8 +378,11 @@ def test_twenty_thousand_deliveries_survive_killed_workers_and_connections(
         assert other_dead == []
         # and the chaos really happened
         assert chaos.kills >= int(elapsed // KILL_EVERY) - 1 >= 1
-        assert chaos.failed_cuts == 0
-        assert chaos.terminations >= 1 and chaos.backends_terminated >= 1
+        # every cut that came due happened (a refused one was retried a
+        # second later), and each found worker backends to terminate
+        due = max(1, int(elapsed // TERMINATE_EVERY) - 1)
+        assert chaos.terminations >= due, chaos.failed_cuts
+        assert chaos.backends_terminated >= 1
         assert elapsed < SETTLE_DEADLINE
     finally:
         broker = cast(SqlBroker, federation.broker)

@@ -19,7 +19,7 @@ as ``delayed`` of its queue and a dead letter as ``dead``.
 
 from __future__ import annotations
 
-import dramatiq
+from typing import Any
 
 from .base import DeadLetter, Inspector, QueueStats, RetryingMessage, WorkerInfo
 
@@ -33,11 +33,12 @@ __all__ = [
 ]
 
 
-def inspect(broker: dramatiq.Broker) -> Inspector:
+def inspect(broker: Any) -> Inspector:
     """Return an :class:`Inspector` for ``broker``.
 
-    Supported: :class:`~botkit_tasks.brokers.SqlBroker` and
-    ``dramatiq.brokers.redis.RedisBroker``.
+    Supported: :class:`~botkit_tasks.brokers.SqlBroker`,
+    ``dramatiq.brokers.redis.RedisBroker``, and a ``celery.Celery`` app on
+    the ``botkit+…`` SQL transport or on Redis (:mod:`.celery`).
 
     Raises:
         TypeError: for any other broker.
@@ -54,7 +55,13 @@ def inspect(broker: dramatiq.Broker) -> Inspector:
         from .sql import SqlInspector
 
         return SqlInspector(broker)
+    from ..runners.select import is_celery_app
+
+    if is_celery_app(broker):
+        from .celery import inspect_celery
+
+        return inspect_celery(broker)
     raise TypeError(
-        f"cannot inspect a {type(broker).__name__}: "
-        "botkit_tasks.monitor supports SqlBroker and dramatiq's RedisBroker"
+        f"cannot inspect a {type(broker).__name__}: botkit_tasks.monitor supports "
+        "SqlBroker, dramatiq's RedisBroker and Celery apps on botkit+ SQL or Redis"
     )

@@ -179,8 +179,12 @@ def declare_task(spec: JobSpec, app: celery.Celery) -> celery.Task:
     # Celery compiles a signature from the name: it must be an identifier.
     run.__name__ = run.__qualname__ = re.sub(r"\W", "_", spec.name)
     run.__doc__ = spec.body.__doc__
+    # shared=False: the task belongs to this app only.  A shared task would be
+    # added to every Celery app finalized later in the process, where a second
+    # bot's declaration of the same name then collides with it.
     task = app.task(
         name=spec.name,
+        shared=False,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .base import RUNNER_ATTR, Runner, lock
 
-__all__ = ["runner_for"]
+__all__ = ["is_celery_app", "runner_for"]
 
 
-def _is_celery_app(target: object) -> bool:
+def is_celery_app(target: object) -> bool:
+    """Whether ``target`` is a ``celery.Celery`` app (without importing Celery)."""
     for cls in type(target).__mro__:
         if cls.__module__.split(".")[0] == "celery" and cls.__name__ == "Celery":
             return True
@@ -30,7 +31,7 @@ def runner_for(target: object) -> Runner:
         from .dramatiq import DramatiqRunner
 
         created = DramatiqRunner(target)
-    elif _is_celery_app(target):
+    elif is_celery_app(target):
         from .celery_runner import CeleryRunner
 
         created = CeleryRunner(target)
