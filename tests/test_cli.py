@@ -8,12 +8,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dramatiq
 import pytest
 from conftest import unique_name
 
 from botkit_tasks.cli import main
+from botkit_tasks.config import Backends, from_env
 from botkit_tasks.monitor import inspect
 
 HOUR_MS = 3_600_000
@@ -24,7 +26,7 @@ class Populated:
     """A broker holding: 3 ready, 1 delayed, 1 waiting for a retry and 2 dead messages."""
 
     args: list[str]  # the global options that select it
-    broker: dramatiq.Broker
+    broker: Any  # a Dramatiq broker or a Celery app
 
 
 def _populate(broker: dramatiq.Broker) -> None:
@@ -67,9 +69,96 @@ def _populate(broker: dramatiq.Broker) -> None:
     fine.send_with_options(delay=HOUR_MS)
 
 
-@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def _populate_celery(backends: Backends, env: dict[str, str]) -> None:
+    """The same state on the Celery app ``backends.broker`` (``from_env(env)``).
+
+    Its jobs run in a real ``celery worker`` process.
+    """
+    from _celery_support import celery_worker
+
+    from botkit_tasks.runners import Job
+
+    app = backends.broker
+    # The jobs the worker declares, declared here too (the sending side)
+    from celery_apps.clijobs import declare
+
+    runner = declare(app)
+    with celery_worker("celery_apps.clijobs", "jobs", env, concurrency=2) as worker:
+        runner.enqueue_many([Job("boom", (1,)), Job("boom", (2,)), Job("flaky")])
+        insp = inspect(app)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if len(insp.dead_letters()) == 2 and len(insp.retrying()) == 1:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(
+                "app did not reach the populated state: "
+                f"{insp.queues()} {insp.retrying()} {insp.dead_letters()}\n{worker.output()}"
+            )
+    # Sent after the worker stopped, so they stay queued
+    runner.enqueue_many([Job("fine") for _ in range(3)])
+    runner.enqueue(Job("fine", delay=HOUR_MS / 1000))
+
+
+def _drop_prefixed_tables(url: str, prefix: str) -> None:
+    import sqlalchemy as sa
+
+    from botkit_tasks._sql import create_engine
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for (table,) in conn.execute(
+            sa.text("SELECT tablename FROM pg_tables WHERE tablename LIKE :p"),
+            {"p": prefix.replace("_", r"\_") + r"\_%"},
+        ):
+            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{table}" CASCADE'))
+    engine.dispose()
+
+
+DRAMATIQ = ["sqlite", "postgres", "redis"]
+CELERY = ["celery-sqlite", "celery-postgres", "celery-redis"]
+# Each Celery case starts a worker: the smaller tests run on one of them.
+FEWER = pytest.mark.parametrize("populated", [*DRAMATIQ, "celery-redis"], indirect=True)
+
+
+@pytest.fixture(params=DRAMATIQ + CELERY)
 def populated(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Populated]:
     prefix = unique_name("cli_")
+    if request.param.startswith("celery-"):
+        # The same commands on a Celery bot: --runner celery
+        kind = request.param.removeprefix("celery-")
+        env = {"BOTKIT_RUNNER": "celery", "BOTKIT_PREFIX": prefix, "DATABASE_URL": ""}
+        env["REDIS_URL"] = ""
+        if kind == "redis":
+            url = env["REDIS_URL"] = request.getfixturevalue("redis_url")
+            option = "--redis-url"
+        else:
+            url = env["DATABASE_URL"] = (
+                f"sqlite:///{tmp_path}/cli.sqlite3"
+                if kind == "sqlite"
+                else request.getfixturevalue("database_url")
+            )
+            option = "--database-url"
+        backends = from_env(env)
+        try:
+            _populate_celery(backends, env)
+            yield Populated(
+                [option, url, "--prefix", prefix, "--runner", "celery"], backends.broker
+            )
+        finally:
+            backends.close()
+            if kind == "redis":
+                import redis
+
+                client = redis.Redis.from_url(url)
+                keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+                if keys:
+                    client.delete(*keys)
+                client.close()
+            elif kind == "postgres":
+                _drop_prefixed_tables(url, prefix)
+        return
     if request.param == "redis":
         from dramatiq.brokers.redis import RedisBroker
 
@@ -168,6 +257,7 @@ def test_dead_list_show_requeue_purge(populated: Populated) -> None:
     assert json.loads(_run(*args, "dead", "list", "--json")[1]) == []
 
 
+@FEWER
 def test_requeue_all(populated: Populated) -> None:
     code, text = _run(*populated.args, "dead", "requeue", "--all", "--queue", "jobs")
     assert (code, text.strip()) == (0, "Requeued 2 dead letters.")
@@ -175,6 +265,7 @@ def test_requeue_all(populated: Populated) -> None:
     assert (queue.ready, queue.dead) == (5, 0)
 
 
+@FEWER
 def test_options_after_the_subcommand(populated: Populated) -> None:
     code, text = _run("status", *populated.args)
     assert code == 0 and _row(text, "jobs")[4] == "2"

@@ -42,6 +42,7 @@ def backends_from_args(args: argparse.Namespace) -> Backends:
         database_url=getattr(args, "database_url", None),
         redis_url=getattr(args, "redis_url", None),
         prefix=getattr(args, "prefix", None),
+        runner=getattr(args, "runner", None),
     )
 
 

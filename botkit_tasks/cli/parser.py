@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="table/key prefix (overrides BOTKIT_PREFIX)",
     )
+    group.add_argument(
+        "--runner",
+        choices=("dramatiq", "celery"),
+        default=argparse.SUPPRESS,
+        help="whose jobs to read: dramatiq or celery (overrides BOTKIT_RUNNER)",
+    )
 
     parser = argparse.ArgumentParser(
         prog="botkit-tasks",

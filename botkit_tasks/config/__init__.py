@@ -165,8 +165,16 @@ class Backends:
         return iter((self.kv, self.broker))
 
     def close(self) -> None:
-        """Close the broker and the store, then dispose the shared engine."""
+        """Close the broker and the store, then dispose the shared engine.
+
+        For a Celery app on the ``botkit+…`` transport, this process's
+        transport connections to the database are closed too.
+        """
         self.broker.close()
+        if self.runner == "celery" and self.celery_url and self.kind != "redis":
+            from ..runners.kombu_sql import close_brokers
+
+            close_brokers(self.celery_url.removeprefix("botkit+"))
         self.kv.close()
         if self.engine is not None:
             self.engine.dispose()
@@ -278,14 +286,16 @@ def from_urls(
     database_url: str | None = None,
     redis_url: str | None = None,
     prefix: str | None = None,
+    runner: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Backends:
     """:func:`from_env` with explicit URLs taking the place of the environment's.
 
-    Used by the command line's ``--database-url``, ``--redis-url`` and
-    ``--prefix``.  A given URL replaces every backend variable of ``environ``
-    (``DATABASE_URL``, ``REDIS_*``, ``BOTKIT_BACKEND``); with neither URL,
-    ``environ`` decides as in :func:`from_env`.
+    Used by the command line's ``--database-url``, ``--redis-url``,
+    ``--prefix`` and ``--runner`` (which replaces ``BOTKIT_RUNNER``).  A given
+    URL replaces every backend variable of ``environ`` (``DATABASE_URL``,
+    ``REDIS_*``, ``BOTKIT_BACKEND``); with neither URL, ``environ`` decides as
+    in :func:`from_env`.
     """
     if database_url is not None and redis_url is not None:
         raise ConfigurationError("--database-url and --redis-url: give one, not both")
@@ -299,6 +309,8 @@ def from_urls(
         env["REDIS_URL"] = redis_url
     if prefix is not None:
         env["BOTKIT_PREFIX"] = prefix
+    if runner is not None:
+        env["BOTKIT_RUNNER"] = runner
     return from_env(env)
 
 

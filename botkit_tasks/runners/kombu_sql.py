@@ -57,7 +57,15 @@ from kombu.transport import virtual
 from ..brokers.sql import SqlBroker
 from ..errors import ConfigurationError
 
-__all__ = ["SCHEME", "Channel", "Transport", "broker_for", "register", "task_envelope"]
+__all__ = [
+    "SCHEME",
+    "Channel",
+    "Transport",
+    "broker_for",
+    "close_brokers",
+    "register",
+    "task_envelope",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +100,20 @@ def broker_for(url: str, options: dict[str, Any] | None = None) -> SqlBroker:
             # No middleware: the Celery runner, not Dramatiq's Retries, retries.
             broker = _brokers[key] = SqlBroker(url, middleware=[], **chosen)
         return broker
+
+
+def close_brokers(url: str) -> int:
+    """Close this process's :func:`broker_for` brokers of database ``url``; return how many.
+
+    For a process that is done with a Celery app (``Backends.close()``); a
+    later :func:`broker_for` opens a new one.
+    """
+    with _brokers_lock:
+        doomed = [key for key in _brokers if key[0] == os.getpid() and key[1] == url]
+        brokers = [_brokers.pop(key) for key in doomed]
+    for broker in brokers:
+        broker.close()
+    return len(brokers)
 
 
 def task_envelope(
