@@ -18,17 +18,19 @@ class CeleryWorker:
     """One ``celery -A app worker`` process group, started in its own session."""
 
     def __init__(
-        self, app: str, queues: str, env: Mapping[str, str], *, concurrency: int = 4
+        self, app: str, queues: str | None, env: Mapping[str, str], *, concurrency: int = 4
     ) -> None:
         self.log = open(  # noqa: SIM115 - closed in stop()
             ROOT / f".celery-worker-{os.getpid()}-{time.monotonic_ns()}.log", "w+b"
         )
         command = [
             sys.executable, "-m", "celery", "-A", app, "worker",
-            "-c", str(concurrency), "-Q", queues, "-l", "info",
+            "-c", str(concurrency), "-l", "info",
             "--without-heartbeat", "--without-mingle", "--without-gossip",
             "-n", f"w{time.monotonic_ns()}@%h",
         ]  # fmt: skip
+        if queues is not None:  # None: the queues the app's declared jobs use
+            command += ["-Q", queues]
         self.process = subprocess.Popen(
             command,
             cwd=ROOT / "tests",
@@ -46,9 +48,13 @@ class CeleryWorker:
         self._close_log()
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Warm shutdown (SIGTERM), then SIGKILL if it does not end in ``timeout``."""
+        """Warm shutdown, then SIGKILL if it does not end in ``timeout``.
+
+        SIGTERM goes to the main process only, which finishes (and acks) what
+        its pool runs; a pool process sent SIGTERM itself would die mid-task.
+        """
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.kill(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -69,7 +75,7 @@ class CeleryWorker:
 
 @contextmanager
 def celery_worker(
-    app: str, queues: str, env: Mapping[str, str], *, concurrency: int = 4
+    app: str, queues: str | None, env: Mapping[str, str], *, concurrency: int = 4
 ) -> Iterator[CeleryWorker]:
     worker = CeleryWorker(app, queues, env, concurrency=concurrency)
     try:

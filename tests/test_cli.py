@@ -83,12 +83,14 @@ def _populate_celery(backends: Backends, env: dict[str, str]) -> None:
     from celery_apps.clijobs import declare
 
     runner = declare(app)
-    with celery_worker("celery_apps.clijobs", "jobs", env, concurrency=2) as worker:
+    # No -Q: a worker consumes the queues of the app's declared jobs by itself
+    with celery_worker("celery_apps.clijobs", None, env, concurrency=2) as worker:
         runner.enqueue_many([Job("boom", (1,)), Job("boom", (2,)), Job("flaky")])
         insp = inspect(app)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a loaded machine starts workers slowly
         while time.monotonic() < deadline:
-            if len(insp.dead_letters()) == 2 and len(insp.retrying()) == 1:
+            settled = all(q.in_flight == 0 for q in insp.queues())  # the last ack done
+            if len(insp.dead_letters()) == 2 and len(insp.retrying()) == 1 and settled:
                 break
             time.sleep(0.05)
         else:

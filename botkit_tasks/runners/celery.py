@@ -20,6 +20,9 @@ declared here carries them too):
   the policy); the hard one is 30 s later.
 
 Retries never use Celery's ``countdown``: :mod:`.celery_store` keeps them.
+
+A ``celery worker`` started without ``-Q`` consumes the queues of every task
+declared here, beside the app's default queue.
 """
 
 from __future__ import annotations
@@ -220,3 +223,22 @@ def _hard_time_limit(
 
 
 signals.task_failure.connect(_hard_time_limit, weak=False)
+
+
+def _consume_declared_queues(
+    sender: Any = None, instance: Any = None, options: Any = None, **extra: Any
+) -> None:
+    # Sent when `celery worker` starts, before it picks its queues.  Without
+    # -Q a worker consumes only the app's default queue ("celery"), which
+    # would leave every job declared here unconsumed; so add their queues to
+    # what it consumes.  An explicit -Q (or -X) is the operator's choice and
+    # is left alone.
+    app = getattr(instance, "app", None)
+    specs = getattr(app, "_botkit_specs", None)
+    if app is None or not specs or (options or {}).get("queues"):
+        return
+    for queue in sorted({spec.queue for spec in specs.values()}):
+        app.amqp.queues.select_add(queue)
+
+
+signals.celeryd_init.connect(_consume_declared_queues, weak=False)
