@@ -38,7 +38,7 @@ from celery import bootsteps, signals
 from celery.exceptions import Retry, TimeLimitExceeded
 
 from . import kombu_sql
-from .celery_store import CeleryJob, JobStore, store_for_url
+from .celery_store import ORDERING_HEADER, CeleryJob, JobStore, store_for_url
 from .spec import JobSpec, checked_arguments, decide
 
 __all__ = ["AT_LEAST_ONCE", "HARD_LIMIT_GRACE", "configure", "declare_task", "store_for"]
@@ -74,6 +74,7 @@ def _publish(app: celery.Celery, job: CeleryJob) -> None:
         task_id=job.task_id,
         queue=job.queue,
         retries=job.retries,
+        headers={} if job.ordering_key is None else {ORDERING_HEADER: job.ordering_key},
     )
 
 
@@ -160,7 +161,13 @@ def declare_task(spec: JobSpec, app: celery.Celery) -> celery.Task:
             retries = int(self.request.retries or 0)
             decision = decide(policy, exc, retries)
             job = CeleryJob(
-                spec.name, spec.queue, list(args), dict(kwargs), self.request.id, retries
+                spec.name,
+                spec.queue,
+                list(args),
+                dict(kwargs),
+                self.request.id,
+                retries,
+                _ordering_key(self.request),
             )
             error = traceback.format_exc()
             store = store_for(self.app)
@@ -198,6 +205,14 @@ def declare_task(spec: JobSpec, app: celery.Celery) -> celery.Task:
     )(run)
     app._botkit_specs[spec.name] = spec
     return task
+
+
+def _ordering_key(request: Any) -> str | None:
+    """The ordering key the running task was sent with (a custom header)."""
+    key = getattr(request, ORDERING_HEADER, None)
+    if key is None:
+        key = (getattr(request, "headers", None) or {}).get(ORDERING_HEADER)
+    return key if isinstance(key, str) else None
 
 
 def _hard_time_limit(

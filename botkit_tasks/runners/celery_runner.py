@@ -23,13 +23,10 @@ import celery
 
 from .base import Job, Runner
 from .celery import declare_task, store_for
-from .celery_store import CeleryJob
+from .celery_store import ORDERING_HEADER, CeleryJob
 from .spec import JobSpec
 
 __all__ = ["ORDERING_HEADER", "CeleryRunner"]
-
-#: The message header that carries a job's ordering key.
-ORDERING_HEADER = "botkit_ordering_key"
 
 
 class CeleryRunner(Runner):
@@ -55,7 +52,9 @@ class CeleryRunner(Runner):
         queue = self._queue(job.name)
         args, kwargs = list(job.args), dict(job.kwargs or {})
         if job.delay is not None and job.delay > 0:
-            delayed = CeleryJob(job.name, queue, args, kwargs, str(uuid.uuid4()), 0)
+            delayed = CeleryJob(
+                job.name, queue, args, kwargs, str(uuid.uuid4()), 0, job.ordering_key
+            )
             store_for(self.target).schedule(delayed, job.delay, "")
             return
         headers = {} if job.ordering_key is None else {ORDERING_HEADER: job.ordering_key}

@@ -37,7 +37,17 @@ from ..brokers._schema import now_ms
 from ..brokers.sql import SqlBroker
 from ..errors import ConfigurationError
 
-__all__ = ["CeleryJob", "JobStore", "RedisJobStore", "SqlJobStore", "store_for_url"]
+__all__ = [
+    "ORDERING_HEADER",
+    "CeleryJob",
+    "JobStore",
+    "RedisJobStore",
+    "SqlJobStore",
+    "store_for_url",
+]
+
+#: The message header that carries a job's ordering key on Celery.
+ORDERING_HEADER = "botkit_ordering_key"
 
 #: Seconds a released retry may take to be published before another worker does it.
 RELEASE_LEASE = 30.0
@@ -57,6 +67,8 @@ class CeleryJob:
     kwargs: dict[str, Any]
     task_id: str
     retries: int
+    #: The job's ordering key (``ORDERING_HEADER``), kept across retries.
+    ordering_key: str | None = None
 
     def message(self, error: str | None, queue: str | None = None) -> Message[Any]:
         """The job as a ``SqlBroker`` row's message (see ``runners.kombu_sql``)."""
@@ -69,6 +81,7 @@ class CeleryJob:
                 "celery": {"task_id": self.task_id, "retries": self.retries},
                 "retries": self.retries,
                 "traceback": error,
+                **({} if self.ordering_key is None else {"ordering_key": self.ordering_key}),
             },
             message_id=self.task_id if len(self.task_id) <= 36 else str(uuid.uuid4()),
             message_timestamp=current_millis(),

@@ -56,6 +56,7 @@ from kombu.transport import virtual
 
 from ..brokers.sql import SqlBroker
 from ..errors import ConfigurationError
+from .celery_store import ORDERING_HEADER
 
 __all__ = [
     "SCHEME",
@@ -117,9 +118,16 @@ def close_brokers(url: str) -> int:
 
 
 def task_envelope(
-    name: str, args: list[Any], kwargs: dict[str, Any], task_id: str, retries: int, queue: str
+    name: str,
+    args: list[Any],
+    kwargs: dict[str, Any],
+    task_id: str,
+    retries: int,
+    queue: str,
+    ordering_key: str | None = None,
 ) -> dict[str, Any]:
     """A kombu message of Celery's task protocol 2, JSON-serialised, for ``queue``."""
+    extra = {} if ordering_key is None else {ORDERING_HEADER: ordering_key}
     body = json.dumps(
         [args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
     )
@@ -144,6 +152,7 @@ def task_envelope(
             "kwargsrepr": repr(kwargs)[:1024],
             "origin": "botkit-tasks",
             "ignore_result": False,
+            **extra,
         },
         "properties": {
             "correlation_id": task_id,
@@ -154,6 +163,10 @@ def task_envelope(
             "body_encoding": "base64",
         },
     }
+
+
+def _key(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _eta_delay_ms(eta: object) -> int | None:
@@ -204,6 +217,7 @@ def _payload(message: Message[Any], queue: str) -> dict[str, Any]:
             str(job.get("task_id") or message.message_id),
             retries if isinstance(retries, int) else 0,
             queue,
+            _key(options.get("ordering_key")),
         )
     props = payload.setdefault("properties", {})
     props["delivery_tag"] = uuid.uuid4().hex
@@ -311,12 +325,20 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             task_id = str(uuid.uuid4())  # the column's width; the envelope keeps the real id
         args, kw = _decoded_arguments(message)
         retries = headers.get("retries", 0)
+        options: dict[str, Any] = {
+            "kombu": message,
+            "retries": retries if isinstance(retries, int) else 0,
+        }
+        # A job sent with an ordering key is a keyed row: SqlBroker runs the
+        # rows of one key one at a time, in enqueue order (retries included).
+        if (key := _key(headers.get(ORDERING_HEADER))) is not None:
+            options["ordering_key"] = key
         stored: Message[Any] = Message(
             queue_name=queue,
             actor_name=str(headers.get("task") or "kombu")[:255],
             args=tuple(args),
             kwargs=kw,
-            options={"kombu": message, "retries": retries if isinstance(retries, int) else 0},
+            options=options,
             message_id=task_id,
             message_timestamp=current_millis(),
         )
