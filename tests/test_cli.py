@@ -349,3 +349,23 @@ def test_limit_below_one_is_a_usage_error(
     assert _run(*argv)[0] == 2
     err = capsys.readouterr().err
     assert "--limit" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("populated", ["celery-sqlite", "celery-redis"], indirect=True)
+def test_the_dashboard_shows_a_celery_app(populated: Populated) -> None:
+    # The dashboard reads a Celery app as it reads a Dramatiq broker
+    import httpx
+    from _dashboard_support import serving
+
+    from botkit_tasks.dashboard import app as dashboard_app
+
+    insp = inspect(populated.broker)
+    with serving(dashboard_app(populated.broker)) as url:
+        page = httpx.get(url + "/").text
+        snapshot = httpx.get(url + "/snapshot.json").json()
+    (jobs,) = [q for q in snapshot["queues"] if q["name"] == "jobs"]
+    assert jobs == {"name": "jobs", "ready": 3, "delayed": 2, "in_flight": 0, "dead": 2}
+    for letter in insp.dead_letters():
+        assert f'data-message="{letter.message_id}"' in page
+    (retrying,) = insp.retrying()
+    assert f'data-message="{retrying.message_id}"' in page and "try again later" in page

@@ -80,7 +80,8 @@ def run_command(args: argparse.Namespace, out: TextIO) -> int:
         bot.close()
         raise CommandError(
             f"{args.target} runs its jobs on Celery: start workers with "
-            "`celery -A <module> worker` and serve the bot with `botkit-tasks run --no-workers`"
+            "`celery -A <module>:<celery app attribute> worker` and serve the bot with "
+            "`botkit-tasks run --no-workers`"
         )
     if not args.no_workers:
         worker = dramatiq.Worker(

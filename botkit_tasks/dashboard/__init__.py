@@ -27,14 +27,12 @@ loopback clients are answered.  Everything else gets 401 and changes nothing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .app import DashboardApp
 from .server import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, check_bind, serve
 
 if TYPE_CHECKING:
-    import dramatiq
-
     from ..kv.base import KvStore
 
 __all__ = [
@@ -49,7 +47,7 @@ __all__ = [
 
 
 def app(
-    broker: dramatiq.Broker,
+    broker: Any,
     kv: KvStore | None = None,
     *,
     token: str | None = None,
@@ -60,7 +58,8 @@ def app(
     """Build the dashboard's ASGI application.
 
     Parameters:
-        broker: The broker to show (``SqlBroker`` or ``RedisBroker``).
+        broker: The broker to show: ``SqlBroker``, ``RedisBroker`` or a Celery
+            app (whatever :func:`botkit_tasks.monitor.inspect` reads).
         kv: The bot's KV store, for delivery statistics and host records;
             without it those sections say so.
         token: Access token (at least 8 characters).  Without one, only

@@ -27,7 +27,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import anyio.to_thread
-import dramatiq
 import jinja2
 
 from ..errors import ConfigurationError
@@ -117,7 +116,7 @@ class DashboardApp:
 
     def __init__(
         self,
-        broker: dramatiq.Broker,
+        broker: Any,  # a Dramatiq broker or a Celery app (see monitor.inspect)
         kv: KvStore | None = None,
         *,
         token: str | None = None,

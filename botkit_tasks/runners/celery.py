@@ -38,7 +38,8 @@ from celery import bootsteps, signals
 from celery.exceptions import Retry, TimeLimitExceeded
 
 from . import kombu_sql
-from .celery_store import ORDERING_HEADER, CeleryJob, JobStore, store_for_url
+from .celery_store import CeleryJob, JobStore, store_for_url
+from .envelope import ORDERING_HEADER
 from .spec import JobSpec, checked_arguments, decide
 
 __all__ = ["AT_LEAST_ONCE", "HARD_LIMIT_GRACE", "configure", "declare_task", "store_for"]

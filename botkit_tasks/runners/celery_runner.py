@@ -23,7 +23,8 @@ import celery
 
 from .base import Job, Runner
 from .celery import declare_task, store_for
-from .celery_store import ORDERING_HEADER, CeleryJob
+from .celery_store import CeleryJob
+from .envelope import ORDERING_HEADER
 from .spec import JobSpec
 
 __all__ = ["ORDERING_HEADER", "CeleryRunner"]

@@ -37,17 +37,7 @@ from ..brokers._schema import now_ms
 from ..brokers.sql import SqlBroker
 from ..errors import ConfigurationError
 
-__all__ = [
-    "ORDERING_HEADER",
-    "CeleryJob",
-    "JobStore",
-    "RedisJobStore",
-    "SqlJobStore",
-    "store_for_url",
-]
-
-#: The message header that carries a job's ordering key on Celery.
-ORDERING_HEADER = "botkit_ordering_key"
+__all__ = ["CeleryJob", "JobStore", "RedisJobStore", "SqlJobStore", "store_for_url"]
 
 #: Seconds a released retry may take to be published before another worker does it.
 RELEASE_LEASE = 30.0
@@ -67,7 +57,7 @@ class CeleryJob:
     kwargs: dict[str, Any]
     task_id: str
     retries: int
-    #: The job's ordering key (``ORDERING_HEADER``), kept across retries.
+    #: The job's ordering key (``envelope.ORDERING_HEADER``), kept across retries.
     ordering_key: str | None = None
 
     def message(self, error: str | None, queue: str | None = None) -> Message[Any]:

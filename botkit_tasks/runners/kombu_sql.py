@@ -35,16 +35,11 @@ Transport options (``broker_transport_options``): ``table_prefix``,
 
 from __future__ import annotations
 
-import base64
-import copy
-import json
 import logging
 import os
 import queue as queue_module
 import threading
-import time
 import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 import kombu.transport
@@ -56,7 +51,13 @@ from kombu.transport import virtual
 
 from ..brokers.sql import SqlBroker
 from ..errors import ConfigurationError
-from .celery_store import ORDERING_HEADER
+from .envelope import (
+    ORDERING_HEADER,
+    decoded_arguments,
+    eta_delay_ms,
+    ordering_key_of,
+    row_payload,
+)
 
 __all__ = [
     "SCHEME",
@@ -65,7 +66,6 @@ __all__ = [
     "broker_for",
     "close_brokers",
     "register",
-    "task_envelope",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,114 +115,6 @@ def close_brokers(url: str) -> int:
     for broker in brokers:
         broker.close()
     return len(brokers)
-
-
-def task_envelope(
-    name: str,
-    args: list[Any],
-    kwargs: dict[str, Any],
-    task_id: str,
-    retries: int,
-    queue: str,
-    ordering_key: str | None = None,
-) -> dict[str, Any]:
-    """A kombu message of Celery's task protocol 2, JSON-serialised, for ``queue``."""
-    extra = {} if ordering_key is None else {ORDERING_HEADER: ordering_key}
-    body = json.dumps(
-        [args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    )
-    return {
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {
-            "lang": "py",
-            "task": name,
-            "id": task_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": retries,
-            "timelimit": [None, None],
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": repr(args)[:1024],
-            "kwargsrepr": repr(kwargs)[:1024],
-            "origin": "botkit-tasks",
-            "ignore_result": False,
-            **extra,
-        },
-        "properties": {
-            "correlation_id": task_id,
-            "reply_to": "",
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-        },
-    }
-
-
-def _key(value: object) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-def _eta_delay_ms(eta: object) -> int | None:
-    """Milliseconds until Celery's ``eta`` header (ISO 8601), or ``None`` when due."""
-    if not isinstance(eta, str):
-        return None
-    try:
-        when = datetime.fromisoformat(eta)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    delay = int((when.timestamp() - time.time()) * 1000)
-    return delay if delay > 0 else None
-
-
-def _decoded_arguments(message: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """The task's args and kwargs when the body is JSON (for monitoring), else empty."""
-    if message.get("content-type") != "application/json":
-        return [], {}
-    try:
-        body = message["body"]
-        if message["properties"].get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        decoded = json.loads(body)
-        args, kwargs = decoded[0], decoded[1]
-    except (KeyError, IndexError, TypeError, ValueError):
-        return [], {}
-    if isinstance(args, list) and isinstance(kwargs, dict):
-        return args, kwargs
-    return [], {}
-
-
-def _payload(message: Message[Any], queue: str) -> dict[str, Any]:
-    """The kombu message a row holds, with a fresh delivery tag."""
-    options = message.options
-    raw = options.get("kombu")
-    if isinstance(raw, dict):
-        payload = copy.deepcopy(raw)
-    else:
-        found = options.get("celery")
-        job: dict[str, Any] = found if isinstance(found, dict) else {}
-        retries = job.get("retries", options.get("retries", 0))
-        payload = task_envelope(
-            message.actor_name,
-            list(message.args),
-            dict(message.kwargs),
-            str(job.get("task_id") or message.message_id),
-            retries if isinstance(retries, int) else 0,
-            queue,
-            _key(options.get("ordering_key")),
-        )
-    props = payload.setdefault("properties", {})
-    props["delivery_tag"] = uuid.uuid4().hex
-    props.setdefault("delivery_info", {}).setdefault("routing_key", queue)
-    return payload
 
 
 class _Pump(threading.Thread):
@@ -323,7 +215,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         task_id = str(headers.get("id") or props.get("correlation_id") or uuid.uuid4())
         if len(task_id) > 36:
             task_id = str(uuid.uuid4())  # the column's width; the envelope keeps the real id
-        args, kw = _decoded_arguments(message)
+        args, kw = decoded_arguments(message)
         retries = headers.get("retries", 0)
         options: dict[str, Any] = {
             "kombu": message,
@@ -331,7 +223,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         }
         # A job sent with an ordering key is a keyed row: SqlBroker runs the
         # rows of one key one at a time, in enqueue order (retries included).
-        if (key := _key(headers.get(ORDERING_HEADER))) is not None:
+        if (key := ordering_key_of(headers.get(ORDERING_HEADER))) is not None:
             options["ordering_key"] = key
         stored: Message[Any] = Message(
             queue_name=queue,
@@ -342,7 +234,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             message_id=task_id,
             message_timestamp=current_millis(),
         )
-        self.sql.enqueue(stored, delay=_eta_delay_ms(headers.get("eta")))
+        self.sql.enqueue(stored, delay=eta_delay_ms(headers.get("eta")))
 
     # -- consuming ----------------------------------------------------------------
 
@@ -363,7 +255,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             name, consumer, proxy = self._ready.get(timeout=wait)
         except queue_module.Empty:
             raise virtual.Empty() from None
-        payload = _payload(proxy._message, name)
+        payload = row_payload(proxy._message, name)
         self._inflight[payload["properties"]["delivery_tag"]] = (consumer, proxy)
         self.connection._deliver(payload, name)
 
@@ -379,7 +271,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
         if proxy is None:
             raise virtual.Empty()
         self._single.append(consumer)
-        payload = _payload(proxy._message, q_name(queue))
+        payload = row_payload(proxy._message, q_name(queue))
         self._inflight[payload["properties"]["delivery_tag"]] = (consumer, proxy)
         return payload
 
