@@ -395,3 +395,49 @@ def test_create_update_delete_of_one_note_reach_an_inbox_in_order(
     # Then the inbox saw them in publish order, the Create twice (its retry first)
     kinds = [json.loads(r.body)["type"] for r in server.requests("/inbox")]
     assert kinds == ["Create", "Create", "Update", "Delete"]
+
+
+def test_create_update_delete_reach_an_inbox_in_order_on_redis_from_env(
+    server: ScriptedServer, redis_url: str
+) -> None:
+    # The Redis backends of config.from_env() order deliveries too (the
+    # OrderingKeys middleware on RedisBroker, records in the bot's KV store)
+    from conftest import unique_name
+
+    from botkit_tasks.config import from_env
+
+    prefix = unique_name("fo")
+    backends = from_env({"REDIS_URL": redis_url, "BOTKIT_PREFIX": prefix})
+    server.script("/inbox", Reply(503), Reply(202))
+    fed = Federation(
+        kv=backends.kv,
+        broker=backends.broker,
+        base_url="http://127.0.0.1:1",
+        username="bot",
+        allow_private_addresses=True,
+        delivery_options=FAST,
+    )
+    fed.followers.add({"id": "http://f/1", "inbox": server.url("/inbox")})
+    note = {"id": "http://127.0.0.1:1/notes/1", "type": "Note", "content": "hi"}
+    worker = dramatiq.Worker(backends.broker, worker_threads=8, worker_timeout=20)
+    worker.start()
+    try:
+        for n, kind in enumerate(("Create", "Update", "Delete")):
+            activity = {**ACTIVITY, "id": f"http://127.0.0.1:1/a/{n}", "type": kind, "object": note}
+            fed.publish(activity)
+        deadline = time.monotonic() + 30
+        while len(server.requests("/inbox")) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything out of order would have arrived by now
+    finally:
+        worker.stop()
+        import redis
+
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        client.close()
+        fed.close()
+        backends.close()
+    kinds = [json.loads(r.body)["type"] for r in server.requests("/inbox")]
+    assert kinds == ["Create", "Create", "Update", "Delete"]

@@ -49,6 +49,7 @@ from ..kv.base import JsonValue, KvStore
 __all__ = [
     "MAX_KEY_LENGTH",
     "InvalidOrderingKey",
+    "KeyTurns",
     "OrderingKeyTypeError",
     "OrderingKeys",
     "check_ordering_key",
@@ -121,12 +122,18 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class OrderingKeys(Middleware):
-    """Ordering keys for brokers that have no notion of them (see the module docstring).
+class KeyTurns:
+    """The per-key turn records behind ordering keys, for any runner.
+
+    One record per key in ``kv`` (under ``(namespace, key)``): the next number
+    to hand out, whose *turn* it is, since when, and the lease of the message
+    running the turn.  :class:`OrderingKeys` uses it for Dramatiq brokers, the
+    Celery runner for Celery's Redis transport.  Every change is a
+    compare-and-swap on the record, so producers and workers in any number of
+    processes agree.
 
     Args:
-        kv: Where the per-key records live; share it between every producer
-            and worker of the broker.
+        kv: Where the records live; share it between every producer and worker.
         namespace: First part of every record's key.
         max_defer: Longest backoff, in seconds, of a message waiting for its turn.
         stall_timeout: Seconds an untaken turn waits before it is handed on.
@@ -152,11 +159,6 @@ class OrderingKeys(Middleware):
         self.stall_timeout = stall_timeout
         self.key_ttl = key_ttl
         self.lease = lease
-        self._lock = threading.Lock()
-        # message_id -> "ok" | "failed": the outcome of a message this process runs.
-        self._running: dict[str, str] = {}
-
-    # -- the per-key record -----------------------------------------------------
 
     def _update(self, key: str, change: Any) -> Any:
         """Apply ``change(record) -> (new record | None, result)`` atomically; returns result."""
@@ -168,54 +170,50 @@ class OrderingKeys(Middleware):
             if new is None or self.kv.cas(kv_key, old, new, ttl=self.key_ttl):
                 return result
 
-    # -- producer side ------------------------------------------------------------
+    def backoff(self, defers: int) -> float:
+        """Seconds a message that found the key busy ``defers`` times before waits now."""
+        return float(min(MIN_DEFER * 2**defers, self.max_defer))
 
-    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
-        key = check_ordering_key(message.options.get("ordering_key"))
-        if key is None:
-            return
-        if "ordering_seq" not in message.options:
+    def number(self, key: str) -> int:
+        """Hand out the next number of ``key`` (enqueue order)."""
 
-            def number(record: dict[str, Any] | None) -> tuple[JsonValue, int]:
-                record = record or {"next": 0, "turn": 1, "since": _now_ms()}
-                record["next"] += 1
-                return record, record["next"]
+        def number(record: dict[str, Any] | None) -> tuple[JsonValue, int]:
+            record = record or {"next": 0, "turn": 1, "since": _now_ms()}
+            record["next"] += 1
+            return record, record["next"]
 
-            message.options["ordering_seq"] = self._update(key, number)
-        elif delay:
-            # A retry (or a delayed copy) of a numbered message: its turn is not
-            # stalled before it is due.
-            due = _now_ms() + int(delay)
+        result: int = self._update(key, number)
+        return result
 
-            def postpone(record: dict[str, Any] | None) -> tuple[JsonValue | None, None]:
-                if record is None or record.get("turn") != message.options["ordering_seq"]:
-                    return None, None
-                record["since"] = max(int(record.get("since", 0)), due)
-                return record, None
+    def postpone(self, key: str, seq: int, due_ms: int) -> None:
+        """Message ``seq`` holds its turn until ``due_ms`` (a retry): not stalled before."""
 
-            self._update(key, postpone)
+        def postpone(record: dict[str, Any] | None) -> tuple[JsonValue | None, None]:
+            if record is None or record.get("turn") != seq:
+                return None, None
+            record["since"] = max(int(record.get("since", 0)), due_ms)
+            return record, None
 
-    # -- worker side ----------------------------------------------------------------
+        self._update(key, postpone)
 
-    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        key = message.options.get("ordering_key")
-        seq = message.options.get("ordering_seq")
-        if key is None:
-            return
-        if not isinstance(seq, int):
-            logger.warning("message %s has an ordering_key but no number", message.message_id)
-            return
-        mid, now = message.message_id, _now_ms()
+    def take(self, key: str, seq: int, holder: str) -> str:
+        """Whether message ``seq`` (id ``holder``) may run now.
+
+        Returns ``"run"`` (it holds the turn's lease now), ``"wait"`` (try
+        again after :meth:`backoff`) or ``"done"`` (its turn has passed: a
+        duplicate, to be skipped).
+        """
+        now = _now_ms()
 
         def take(record: dict[str, Any] | None) -> tuple[JsonValue | None, str]:
             if record is None:  # expired while this message waited: start afresh
                 record = {"next": seq, "turn": seq, "since": now}
             turn = int(record["turn"])
-            free = record.get("holder") in (None, mid) or int(record.get("until", 0)) < now
+            free = record.get("holder") in (None, holder) or int(record.get("until", 0)) < now
             if seq < turn:
                 return None, "done"
             if seq == turn and free:
-                record.update(holder=mid, until=now + int(self.lease * 1000))
+                record.update(holder=holder, until=now + int(self.lease * 1000))
                 record.pop("stall_min", None)
                 record.pop("stall_at", None)
                 return record, "run"
@@ -232,26 +230,100 @@ class OrderingKeys(Middleware):
                     logger.warning(
                         "ordering key %r: turn %d was never taken; skipping to %d", key, turn, seq
                     )
-                    record.update(turn=seq, holder=mid, until=now + int(self.lease * 1000))
+                    record.update(turn=seq, holder=holder, until=now + int(self.lease * 1000))
                     record.pop("stall_min")
                     record.pop("stall_at")
                     return record, "run"
                 return record, "wait"
             return None, "wait"
 
-        verdict = self._update(key, take)
+        verdict: str = self._update(key, take)
+        return verdict
+
+    def finish(self, key: str, seq: int, holder: str, *, advance: bool) -> None:
+        """Message ``seq`` ran: drop its lease; ``advance`` hands the turn to the next."""
+
+        def done(record: dict[str, Any] | None) -> tuple[JsonValue | None, None]:
+            if record is None or int(record["turn"]) != seq:
+                return None, None
+            if record.get("holder") not in (None, holder):
+                return None, None  # a duplicate's lease: its owner finishes the turn
+            record.pop("holder", None)
+            record.pop("until", None)
+            if advance:
+                record.update(turn=seq + 1, since=_now_ms())
+            return record, None
+
+        self._update(key, done)
+
+
+class OrderingKeys(Middleware):
+    """Ordering keys for brokers that have no notion of them (see the module docstring).
+
+    Args:
+        kv: Where the per-key records live (:class:`KeyTurns`); share it
+            between every producer and worker of the broker.
+        namespace, max_defer, stall_timeout, key_ttl, lease: as for :class:`KeyTurns`.
+    """
+
+    def __init__(
+        self,
+        kv: KvStore,
+        *,
+        namespace: str = "botkit-ordering",
+        max_defer: float = DEFAULT_MAX_DEFER,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+        key_ttl: float = DEFAULT_KEY_TTL,
+        lease: float = DEFAULT_LEASE,
+    ) -> None:
+        self.turns = KeyTurns(
+            kv,
+            namespace=namespace,
+            max_defer=max_defer,
+            stall_timeout=stall_timeout,
+            key_ttl=key_ttl,
+            lease=lease,
+        )
+        self._lock = threading.Lock()
+        # message_id -> "ok" | "failed": the outcome of a message this process runs.
+        self._running: dict[str, str] = {}
+
+    # -- producer side ------------------------------------------------------------
+
+    def before_enqueue(self, broker: dramatiq.Broker, message: Any, delay: int | None) -> None:
+        key = check_ordering_key(message.options.get("ordering_key"))
+        if key is None:
+            return
+        if "ordering_seq" not in message.options:
+            message.options["ordering_seq"] = self.turns.number(key)
+        elif delay:
+            # A retry (or a delayed copy) of a numbered message: its turn is not
+            # stalled before it is due.
+            self.turns.postpone(key, message.options["ordering_seq"], _now_ms() + int(delay))
+
+    # -- worker side ----------------------------------------------------------------
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        key = message.options.get("ordering_key")
+        seq = message.options.get("ordering_seq")
+        if key is None:
+            return
+        if not isinstance(seq, int):
+            logger.warning("message %s has an ordering_key but no number", message.message_id)
+            return
+        mid = message.message_id
+        verdict = self.turns.take(key, seq, mid)
         if verdict == "run":
             with self._lock:
                 self._running[mid] = "ok"
             return
         if verdict == "wait":
             defers = int(message.options.get("ordering_defers", 0))
-            backoff = min(MIN_DEFER * 2**defers, self.max_defer)
             broker.enqueue(
                 message.copy(
                     queue_name=q_name(message.queue_name), options={"ordering_defers": defers + 1}
                 ),
-                delay=int(backoff * 1000),
+                delay=int(self.turns.backoff(defers) * 1000),
             )
         else:
             logger.info("skipping %s: its ordering turn has passed (a duplicate)", mid)
@@ -289,23 +361,7 @@ class OrderingKeys(Middleware):
             self._finish(message, advance=True)  # dead-lettered: the key moves on
 
     def _finish(self, message: Any, *, advance: bool) -> None:
-        key, seq, mid = (
-            message.options.get("ordering_key"),
-            message.options.get("ordering_seq"),
-            message.message_id,
-        )
+        key, seq = message.options.get("ordering_key"), message.options.get("ordering_seq")
         if key is None or not isinstance(seq, int):
             return
-
-        def done(record: dict[str, Any] | None) -> tuple[JsonValue | None, None]:
-            if record is None or int(record["turn"]) != seq:
-                return None, None
-            if record.get("holder") not in (None, mid):
-                return None, None  # a duplicate's lease: its owner finishes the turn
-            record.pop("holder", None)
-            record.pop("until", None)
-            if advance:
-                record.update(turn=seq + 1, since=_now_ms())
-            return record, None
-
-        self._update(key, done)
+        self.turns.finish(key, seq, message.message_id, advance=advance)

@@ -396,7 +396,9 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
 
 def _redis_backends(url: str, prefix: str | None) -> Backends:
     from dramatiq.brokers.redis import RedisBroker
+    from dramatiq.middleware import Retries
 
+    from ..brokers.ordering import OrderingKeys
     from ..brokers.retry_guard import install_retry_guard
     from ..kv.redis import RedisKvStore
     from ..monitor.middleware import MonitorMiddleware
@@ -410,6 +412,9 @@ def _redis_backends(url: str, prefix: str | None) -> Backends:
     try:
         broker = RedisBroker(url=url, namespace=prefix or "dramatiq")  # type: ignore[no-untyped-call]
         broker.add_middleware(MonitorMiddleware())
+        # Ordering keys (the deliveries of one object to one inbox run in
+        # order): RedisBroker has none, the middleware keeps them in the KV.
+        broker.add_middleware(OrderingKeys(kv), before=Retries)
         install_retry_guard(broker)
     except BaseException:
         kv.close()
