@@ -30,8 +30,10 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 import traceback
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 import celery
 from celery import bootsteps, signals
@@ -39,12 +41,18 @@ from celery.exceptions import Retry, TimeLimitExceeded
 
 from . import kombu_sql
 from .celery_store import CeleryJob, JobStore, store_for_url
-from .envelope import ORDERING_HEADER
+from .envelope import (
+    ORDERING_DEFERS_HEADER,
+    ORDERING_HEADER,
+    ORDERING_SEQ_HEADER,
+    ordering_headers,
+)
 from .spec import JobSpec, checked_arguments, decide
 
 __all__ = ["AT_LEAST_ONCE", "HARD_LIMIT_GRACE", "configure", "declare_task", "store_for"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: The settings :func:`configure` applies (see the module docstring).
 AT_LEAST_ONCE: dict[str, Any] = {
@@ -75,7 +83,7 @@ def _publish(app: celery.Celery, job: CeleryJob) -> None:
         task_id=job.task_id,
         queue=job.queue,
         retries=job.retries,
-        headers={} if job.ordering_key is None else {ORDERING_HEADER: job.ordering_key},
+        headers=ordering_headers(job.ordering_key, job.ordering_seq, job.ordering_defers),
     )
 
 
@@ -156,25 +164,42 @@ def declare_task(spec: JobSpec, app: celery.Celery) -> celery.Task:
         }
 
     def run(self: celery.Task, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        retries = int(request.retries or 0)
+        key, seq = (
+            _header(request, ORDERING_HEADER, str),
+            _header(request, ORDERING_SEQ_HEADER, int),
+        )
+        job = CeleryJob(
+            spec.name, spec.queue, list(args), dict(kwargs), request.id, retries, key, seq
+        )
+        store = store_for(self.app)
+        turns = store.turns if key is not None and seq is not None else None
+        if turns is not None:
+            assert key is not None and seq is not None
+            verdict = turns.take(key, seq, job.task_id)
+            if verdict == "done":
+                logger.info(
+                    "%s[%s]: its ordering turn has passed (a duplicate)", spec.name, job.task_id
+                )
+                return None
+            if verdict == "wait":
+                defers = _header(request, ORDERING_DEFERS_HEADER, int) or 0
+                wait = turns.backoff(defers)
+                store.schedule(replace(job, ordering_defers=defers + 1), wait, "")
+                raise Retry(f"waiting for the turn of ordering key {key!r}", None, wait)
         try:
-            return body(*args, **kwargs)
+            result = body(*args, **kwargs)
         except Exception as exc:
-            retries = int(self.request.retries or 0)
             decision = decide(policy, exc, retries)
-            job = CeleryJob(
-                spec.name,
-                spec.queue,
-                list(args),
-                dict(kwargs),
-                self.request.id,
-                retries,
-                _ordering_key(self.request),
-            )
             error = traceback.format_exc()
-            store = store_for(self.app)
             if decision.retry:
-                job = CeleryJob(**{**job.__dict__, "retries": retries + 1})
-                store.schedule(job, decision.delay, error)
+                store.schedule(replace(job, retries=retries + 1), decision.delay, error)
+                if turns is not None:
+                    # The turn stays this job's until its retry ends: successors wait.
+                    assert key is not None and seq is not None
+                    turns.postpone(key, seq, int((time.time() + decision.delay) * 1000))
+                    turns.finish(key, seq, job.task_id, advance=False)
                 logger.info(
                     "%s[%s] retries in %.1f s: %s",
                     spec.name,
@@ -185,7 +210,14 @@ def declare_task(spec: JobSpec, app: celery.Celery) -> celery.Task:
                 raise Retry(decision.reason, exc, decision.delay) from exc
             logger.warning("%s[%s] is dead: %s", spec.name, job.task_id, decision.reason)
             store.dead(job, error)
+            if turns is not None:
+                assert key is not None and seq is not None
+                turns.finish(key, seq, job.task_id, advance=True)  # dead: the key moves on
             raise
+        if turns is not None:
+            assert key is not None and seq is not None
+            turns.finish(key, seq, job.task_id, advance=True)
+        return result
 
     # Celery compiles a signature from the name: it must be an identifier.
     run.__name__ = run.__qualname__ = re.sub(r"\W", "_", spec.name)
@@ -208,12 +240,14 @@ def declare_task(spec: JobSpec, app: celery.Celery) -> celery.Task:
     return task
 
 
-def _ordering_key(request: Any) -> str | None:
-    """The ordering key the running task was sent with (a custom header)."""
-    key = getattr(request, ORDERING_HEADER, None)
-    if key is None:
-        key = (getattr(request, "headers", None) or {}).get(ORDERING_HEADER)
-    return key if isinstance(key, str) else None
+def _header(request: Any, name: str, kind: type[T]) -> T | None:
+    """The custom header ``name`` the running task was sent with, if it is a ``kind``."""
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    if kind is int and isinstance(value, bool):
+        return None
+    return value if isinstance(value, kind) else None
 
 
 def _hard_time_limit(

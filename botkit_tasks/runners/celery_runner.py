@@ -5,12 +5,12 @@ never a Celery ``countdown`` (held in a worker's memory, handed out again
 after Redis's ``visibility_timeout``): it is written to the app's durable
 schedule (:func:`.celery.store_for`) and published when due, like a retry.
 
-Ordering keys travel as the ``botkit_ordering_key`` message header, but
-nothing on the Celery side enforces them yet: Celery's retries are new
-messages (the runner's durable schedule), so a key's later jobs cannot be
-held back behind a retrying head the way ``SqlBroker`` does.  Deliveries
-that must keep ``Create`` → ``Update`` → ``Delete`` order need the Dramatiq
-runner (``docs/celery.md``, "What differs from Dramatiq").
+Ordering keys travel as the ``botkit_ordering_key`` message header.  On our
+SQL transport the row is keyed and ``SqlBroker`` orders it.  On Celery's
+Redis transport, whose lists cannot hold a job back, the runner orders it:
+the job gets its number under the key here (:class:`~botkit_tasks.brokers.
+ordering.KeyTurns`, header ``botkit_ordering_seq``) and the task waits for
+its turn (:func:`.celery.declare_task`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from typing import Any
 
 import celery
 
+from ..brokers.ordering import check_ordering_key
 from .base import Job, Runner
 from .celery import declare_task, store_for
 from .celery_store import CeleryJob
-from .envelope import ORDERING_HEADER
+from .envelope import ORDERING_HEADER, ordering_headers
 from .spec import JobSpec
 
 __all__ = ["ORDERING_HEADER", "CeleryRunner"]
@@ -52,13 +53,15 @@ class CeleryRunner(Runner):
     def _send(self, job: Job, producer: Any = None) -> None:
         queue = self._queue(job.name)
         args, kwargs = list(job.args), dict(job.kwargs or {})
+        key, seq = check_ordering_key(job.ordering_key), None
+        store = store_for(self.target)
+        if key is not None and store.turns is not None:
+            seq = store.turns.number(key)  # enqueue order, where the runner orders
         if job.delay is not None and job.delay > 0:
-            delayed = CeleryJob(
-                job.name, queue, args, kwargs, str(uuid.uuid4()), 0, job.ordering_key
-            )
-            store_for(self.target).schedule(delayed, job.delay, "")
+            delayed = CeleryJob(job.name, queue, args, kwargs, str(uuid.uuid4()), 0, key, seq)
+            store.schedule(delayed, job.delay, "")
             return
-        headers = {} if job.ordering_key is None else {ORDERING_HEADER: job.ordering_key}
+        headers = ordering_headers(key, seq)
         self.target.send_task(
             job.name, args=args, kwargs=kwargs, queue=queue, headers=headers, producer=producer
         )

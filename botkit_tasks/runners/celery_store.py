@@ -34,8 +34,10 @@ from dramatiq.common import current_millis
 from dramatiq.message import Message
 
 from ..brokers._schema import now_ms
+from ..brokers.ordering import KeyTurns
 from ..brokers.sql import SqlBroker
 from ..errors import ConfigurationError
+from ..kv.redis import RedisKvStore
 
 __all__ = ["CeleryJob", "JobStore", "RedisJobStore", "SqlJobStore", "store_for_url"]
 
@@ -59,6 +61,10 @@ class CeleryJob:
     retries: int
     #: The job's ordering key (``envelope.ORDERING_HEADER``), kept across retries.
     ordering_key: str | None = None
+    #: Its number under that key, where the runner orders (Redis, :class:`KeyTurns`).
+    ordering_seq: int | None = None
+    #: How often it found its key busy (its next wait doubles).
+    ordering_defers: int = 0
 
     def message(self, error: str | None, queue: str | None = None) -> Message[Any]:
         """The job as a ``SqlBroker`` row's message (see ``runners.kombu_sql``)."""
@@ -79,7 +85,15 @@ class CeleryJob:
 
 
 class JobStore(abc.ABC):
-    """Durable delayed retries and dead letters of one Celery broker."""
+    """Durable delayed retries and dead letters of one Celery broker.
+
+    Attributes:
+        turns: The ordering-key records where the runner itself orders keyed
+            jobs (Celery's Redis transport); ``None`` where the broker does
+            (our SQL transport).
+    """
+
+    turns: KeyTurns | None = None
 
     @abc.abstractmethod
     def schedule(self, job: CeleryJob, delay: float, error: str) -> None:
@@ -145,9 +159,16 @@ return due
 class RedisJobStore(JobStore):
     """Retries in a sorted set, dead letters in a hash, under ``key_prefix``."""
 
-    def __init__(self, client: redis.Redis, *, key_prefix: str = "botkit:celery:") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        key_prefix: str = "botkit:celery:",
+        turns: KeyTurns | None = None,
+    ) -> None:
         self.client = client
         self.key_prefix = key_prefix
+        self.turns = turns
         self.schedule_key = f"{key_prefix}schedule"
         self.releasing_key = f"{key_prefix}releasing"
         self.dead_key = f"{key_prefix}dead"
@@ -218,7 +239,10 @@ def store_for_url(url: str, transport_options: dict[str, Any]) -> JobStore:
             store = SqlJobStore(broker_for(url.removeprefix("botkit+"), transport_options))
         elif scheme in ("redis", "rediss"):
             prefix = str(transport_options.get("botkit_key_prefix", "botkit:celery:"))
-            store = RedisJobStore(redis.Redis.from_url(url), key_prefix=prefix)
+            # Redis lists cannot hold a job back: the runner orders keyed jobs
+            # itself, with turn records under {prefix}ordering:.
+            turns = KeyTurns(RedisKvStore(url, key_prefix=f"{prefix}ordering:"))
+            store = RedisJobStore(redis.Redis.from_url(url), key_prefix=prefix, turns=turns)
         else:
             raise ConfigurationError(
                 f"the Celery runner needs a botkit+postgresql://, botkit+sqlite:/// or "

@@ -21,9 +21,12 @@ from typing import Any
 from dramatiq.message import Message
 
 __all__ = [
+    "ORDERING_DEFERS_HEADER",
     "ORDERING_HEADER",
+    "ORDERING_SEQ_HEADER",
     "decoded_arguments",
     "eta_delay_ms",
+    "ordering_headers",
     "ordering_key_of",
     "row_payload",
     "task_envelope",
@@ -31,6 +34,22 @@ __all__ = [
 
 #: The message header that carries a job's ordering key on Celery.
 ORDERING_HEADER = "botkit_ordering_key"
+#: Its number under the key, where the runner orders (Celery's Redis transport).
+ORDERING_SEQ_HEADER = "botkit_ordering_seq"
+#: How often the job found its key busy.
+ORDERING_DEFERS_HEADER = "botkit_ordering_defers"
+
+
+def ordering_headers(key: str | None, seq: int | None, defers: int = 0) -> dict[str, Any]:
+    """The headers that carry an ordering key (and number, and defers) on a task message."""
+    headers: dict[str, Any] = {}
+    if key is not None:
+        headers[ORDERING_HEADER] = key
+        if seq is not None:
+            headers[ORDERING_SEQ_HEADER] = seq
+            if defers:
+                headers[ORDERING_DEFERS_HEADER] = defers
+    return headers
 
 
 def task_envelope(
