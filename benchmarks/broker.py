@@ -1,25 +1,32 @@
-"""Broker benchmark: SqlBroker (PostgreSQL, SQLite) against RedisBroker and dramatiq-postgres.
+"""Broker benchmark: SqlBroker (PostgreSQL, SQLite) against RedisBroker and dramatiq-postgres,
+and Celery on botkit's SQL transport against Celery on Redis.
 
 One run, the same no-op actor, the same Dramatiq default middleware, the same
-``dramatiq <module> -p 2 -t 8`` workers for every broker:
+``dramatiq <module> -p 2 -t 8`` workers for every Dramatiq broker; the Celery
+rows (``celery-redis``, ``celery-pg``, ``celery-sqlite``) run a no-op task
+declared with ``botkit_tasks.runners.celery.declare_task`` on the app that
+``botkit_tasks.config.from_env`` builds with ``BOTKIT_RUNNER=celery`` (late
+acks and the other at-least-once settings), on ``celery worker -c 8`` (prefork)
+workers, measured the same way:
 
-- **enqueue**: ``actor.send()`` one message at a time, and ``enqueue_many`` in
-  batches of 1,000 where the broker has it;
+- **enqueue**: ``actor.send()`` (Celery: ``app.send_task()``) one message at a
+  time, and ``enqueue_many`` in batches of 1,000 where the broker has it;
 - **drain**: 20,000 pre-enqueued messages, from starting the workers to the
   queue being empty (worker boot included, as a deployment sees it);
 - **pickup latency** on an idle queue: one message at a time carries its send
   time, the actor records when it ran (p50, p99);
-- **worker CPU per message** during the drain (the whole ``dramatiq`` process
-  tree, boot included, divided by the messages);
-- **idle CPU** of the whole waiting ``dramatiq`` process tree (main process and
-  both worker processes), from ``/proc``, over 10 s;
+- **worker CPU per message** during the drain (the whole ``dramatiq`` or
+  ``celery`` process tree, boot included, divided by the messages);
+- **idle CPU** of the whole waiting worker process tree (main process and
+  every worker or pool process), from ``/proc``, over 10 s;
 - **bloat**: the drain again after 200,000 messages have gone through the
   same tables, compared with the fresh drain (SQL brokers; ``--bloat-all`` for
   every broker).
 
-Then it prints the table, the ratios against RedisBroker and dramatiq-postgres,
-and checks the targets.  Every broker works under its own random table prefix,
-Redis namespace or schema, removed at the end.
+Then it prints the table, the ratios against RedisBroker and dramatiq-postgres
+(and Celery on PostgreSQL against Celery on Redis), and checks the targets.
+Every broker works under its own random table prefix, Redis namespace or
+schema, removed at the end.
 
 Usage::
 
@@ -27,6 +34,7 @@ Usage::
     .venv/bin/python benchmarks/broker.py --quick         # smaller counts (~3 min)
     .venv/bin/python benchmarks/broker.py --only sql-pg,redis
     .venv/bin/python benchmarks/broker.py --repeat 3        # medians of 3 interleaved rounds
+    .venv/bin/python benchmarks/broker.py --only celery-redis,celery-pg,celery-sqlite
 
 Services: ``BOTKIT_BENCH_DATABASE_URL`` (default: the test database) and
 ``BOTKIT_BENCH_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``).
@@ -56,9 +64,19 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _broker_apps import celery_app  # noqa: E402
 from _broker_apps.app import make  # noqa: E402
 
-KINDS = ["sql-pg", "sql-pg-ordered", "sql-pgbouncer", "sql-sqlite", "redis", "dramatiq-postgres"]
+CELERY_KINDS = list(celery_app.KINDS)
+KINDS = [
+    "sql-pg",
+    "sql-pg-ordered",
+    "sql-pgbouncer",
+    "sql-sqlite",
+    "redis",
+    "dramatiq-postgres",
+    *CELERY_KINDS,
+]
 #: Distinct ordering keys of the sql-pg-ordered drain (messages spread round-robin).
 ORDERING_KEYS = 50
 LABELS = {
@@ -68,6 +86,9 @@ LABELS = {
     "sql-sqlite": "SqlBroker-SQLite",
     "redis": "RedisBroker",
     "dramatiq-postgres": "dramatiq-postgres",
+    "celery-redis": "Celery-Redis",
+    "celery-pg": "Celery-botkit-PG",
+    "celery-sqlite": "Celery-botkit-SQLite",
 }
 DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -154,7 +175,25 @@ class Target:
     def __init__(self, kind: str, database_url: str, redis_url: str, workdir: Path) -> None:
         self.kind = kind
         self.queue = "bench"
+        self.celery = kind in CELERY_KINDS
         tag = uuid.uuid4().hex[:8]
+        self.latency_file = workdir / f"latency-{tag}.txt"
+        # Dramatiq: the broker; Celery: the app (typed loosely: either has its own calls).
+        self.broker: Any
+        if self.celery:
+            # BOTKIT_PREFIX: SQL tables bench{tag}_…, Redis keys bench{tag}:…
+            self.prefix = f"bench{tag}"
+            if kind == "celery-pg":
+                self.url = database_url
+            elif kind == "celery-sqlite":
+                self.url = f"sqlite:///{workdir}/bench-{tag}.sqlite3"
+            else:
+                self.url = redis_url
+            self.broker, self.noop, self.ping = celery_app.make(
+                kind, self.url, self.prefix, self.queue
+            )
+            self._counter = self._make_celery_counter()
+            return
         if kind in ("sql-pg", "sql-pg-ordered"):
             self.url, self.prefix = database_url, f"bench{tag}_"
         elif kind == "sql-pgbouncer":
@@ -168,7 +207,6 @@ class Target:
             self.url = database_url.replace("postgresql+psycopg://", "postgresql://")
             self.prefix = f"botkit_bench_{tag}"
             self._init_dramatiq_postgres_schema()
-        self.latency_file = workdir / f"latency-{tag}.txt"
         self.broker, self.noop, self.ping = make(kind, self.url, self.prefix, self.queue)
         self._counter = self._make_counter()
 
@@ -224,16 +262,88 @@ class Target:
 
         return count_pg
 
+    def _make_celery_counter(self) -> Callable[[], int]:
+        """Messages queued or delivered and not acked yet, on the Celery transport."""
+        if self.kind == "celery-redis":
+            import redis
+
+            client = redis.Redis.from_url(self.url)
+            keyprefix = self.broker.conf.broker_transport_options["global_keyprefix"]
+            # kombu's priority sub-queues of the queue, and its unacked hash.
+            queues = [f"{keyprefix}{self.queue}"] + [
+                f"{keyprefix}{self.queue}\x06\x16{step}" for step in range(1, 10)
+            ]
+            unacked = f"{keyprefix}unacked"
+
+            def count_redis() -> int:
+                with client.pipeline() as pipe:
+                    for key in queues:
+                        pipe.llen(key)
+                    pipe.hlen(unacked)
+                    return sum(int(n) for n in pipe.execute())
+
+            return count_redis
+        import sqlalchemy as sa
+
+        from botkit_tasks._sql import create_engine
+
+        engine = create_engine(self.url)
+        self._celery_engine = engine
+        table = sa.table(f"{self.prefix}_messages", sa.column("queue_name"), sa.column("state"))
+        query = (
+            sa.select(sa.func.count())
+            .select_from(table)
+            .where(
+                table.c.queue_name.in_((self.queue, f"{self.queue}.DQ")),
+                table.c.state.in_(["queued", "consumed", "waiting"]),
+            )
+        )
+
+        def count_sql() -> int:
+            with engine.connect() as conn:
+                if engine.dialect.name == "sqlite":
+                    conn = conn.execution_options(sqlite_begin="DEFERRED")
+                return int(conn.execute(query).scalar_one())
+
+        return count_sql
+
     def remaining(self) -> int:
         return self._counter()
 
     @property
     def has_enqueue_many(self) -> bool:
-        return hasattr(self.broker, "enqueue_many")
+        return not self.celery and hasattr(self.broker, "enqueue_many")
+
+    def send_noop(self, producer: Any = None) -> None:
+        """One no-op message: ``actor.send()``, or ``send_task`` as the Celery runner does."""
+        if self.celery:
+            self.broker.send_task(
+                celery_app.NOOP,
+                args=[],
+                kwargs={},
+                queue=self.queue,
+                headers={},
+                producer=producer,
+            )
+        else:
+            self.noop.send()
+
+    def send_ping(self, sent: float) -> None:
+        if self.celery:
+            self.broker.send_task(
+                celery_app.PING, args=[sent], kwargs={}, queue=self.queue, headers={}
+            )
+        else:
+            self.ping.send(sent)
 
     def fill(self, n: int, batch: int = 1_000) -> None:
         """Enqueue ``n`` no-op messages as fast as this broker allows (untimed)."""
-        if self.kind == "sql-pg-ordered":
+        if self.celery:
+            # One producer for all, as the Celery runner's enqueue_many.
+            with self.broker.producer_or_acquire() as producer:
+                for _ in range(n):
+                    self.send_noop(producer)
+        elif self.kind == "sql-pg-ordered":
             for start in range(0, n, batch):
                 self.broker.enqueue_many(
                     [
@@ -251,7 +361,23 @@ class Target:
 
     def empty(self) -> None:
         """Drop every message of the benchmark queue."""
-        if self.kind == "dramatiq-postgres":
+        if self.kind == "celery-redis":
+            import redis
+
+            keyprefix = self.broker.conf.broker_transport_options["global_keyprefix"]
+            with redis.Redis.from_url(self.url) as client:
+                for key in client.scan_iter(match=f"{keyprefix}*", count=1000):
+                    if not key.decode().startswith(f"{keyprefix}_kombu.binding."):
+                        client.delete(key)
+        elif self.celery:
+            import sqlalchemy as sa
+
+            table = sa.table(f"{self.prefix}_messages", sa.column("queue_name"))
+            with self._celery_engine.begin() as conn:
+                conn.execute(
+                    table.delete().where(table.c.queue_name.in_((self.queue, f"{self.queue}.DQ")))
+                )
+        elif self.kind == "dramatiq-postgres":
             import psycopg
 
             with psycopg.connect(self.url, autocommit=True) as conn:
@@ -262,9 +388,14 @@ class Target:
     def cleanup(self) -> None:
         try:
             self.broker.close()
+            if self.celery and self.kind != "celery-redis":
+                from botkit_tasks.runners.kombu_sql import close_brokers
+
+                close_brokers(self.url)
+                self._celery_engine.dispose()
         except Exception as exc:
             log(f"{self.kind}: close failed: {exc}")
-        if self.kind in ("sql-pg", "sql-pg-ordered", "sql-pgbouncer"):
+        if self.kind in ("sql-pg", "sql-pg-ordered", "sql-pgbouncer", "celery-pg"):
             import sqlalchemy as sa
 
             from botkit_tasks._sql import create_engine
@@ -278,7 +409,7 @@ class Target:
                 for (name,) in rows:
                     conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}" CASCADE'))
             engine.dispose()
-        elif self.kind == "redis":
+        elif self.kind in ("redis", "celery-redis"):
             import redis
 
             client = redis.Redis.from_url(self.url)
@@ -296,9 +427,10 @@ class Target:
 
 
 class Workers:
-    """``dramatiq _broker_apps.app -p 2 -t 8`` for one target, in its own session."""
+    """``dramatiq _broker_apps.app -p 2 -t 8`` (Celery: ``celery -A
+    _broker_apps.celery_app worker -c 8``) for one target, in its own session."""
 
-    def __init__(self, target: Target, processes: int, threads: int) -> None:
+    def __init__(self, target: Target, args: argparse.Namespace) -> None:
         env = dict(os.environ)
         env.update(
             BENCH_KIND=target.kind,
@@ -308,17 +440,40 @@ class Workers:
             BENCH_LATENCY_FILE=str(target.latency_file),
             PYTHONUNBUFFERED="1",
         )
-        dramatiq_bin = Path(sys.executable).with_name("dramatiq")
-        command = [
-            str(dramatiq_bin),
-            "--path",
-            str(HERE),
-            "-p",
-            str(processes),
-            "-t",
-            str(threads),
-            "_broker_apps.app",
-        ]
+        if target.celery:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
+            command = [
+                str(Path(sys.executable).with_name("celery")),
+                "-A",
+                "_broker_apps.celery_app",
+                "worker",
+                "--pool",
+                "prefork",
+                "-c",
+                str(args.celery_concurrency),
+                "-Q",
+                target.queue,
+                "-l",
+                "warning",
+                "-n",
+                f"{target.prefix}@%h",
+                # Cluster chatter (events, start-up sync with other workers): off,
+                # as in the tests; none of it carries tasks.
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        else:
+            command = [
+                str(Path(sys.executable).with_name("dramatiq")),
+                "--path",
+                str(HERE),
+                "-p",
+                str(args.processes),
+                "-t",
+                str(args.threads),
+                "_broker_apps.app",
+            ]
         self.log_path = target.latency_file.with_suffix(".log")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.started = time.perf_counter()
@@ -391,7 +546,7 @@ def wait_empty(target: Target, workers: Workers, timeout: float) -> float:
 def measure_enqueue(target: Target, sizes: Sizes, result: Result) -> None:
     started = time.perf_counter()
     for _ in range(sizes.single):
-        target.noop.send()
+        target.send_noop()
     result.add("enqueue_one", sizes.single / (time.perf_counter() - started))
     if target.has_enqueue_many:
         messages = [target.noop.message() for _ in range(sizes.many)]
@@ -406,7 +561,7 @@ def measure_latency(target: Target, sizes: Sizes, result: Result, workers: Worke
     target.latency_file.write_text("")
     time.sleep(1.0)  # let every consumer fall idle
     for i in range(sizes.pings):
-        target.ping.send(time.time())
+        target.send_ping(time.time())
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if target.latency_file.read_text().count("\n") > i:
@@ -443,7 +598,7 @@ def drain(target: Target, n: int, args: argparse.Namespace) -> tuple[float, floa
     """
     target.fill(n)
     assert target.remaining() == n, f"{target.kind}: expected {n} queued"
-    workers = Workers(target, args.processes, args.threads)
+    workers = Workers(target, args)
     try:
         seconds = wait_empty(target, workers, timeout=max(120.0, n / 100))
         cpu = Workers.cpu_seconds(workers.tree_pids())
@@ -454,7 +609,7 @@ def drain(target: Target, n: int, args: argparse.Namespace) -> tuple[float, floa
 
 
 def measure_bloat(target: Target, sizes: Sizes, result: Result, args: argparse.Namespace) -> None:
-    workers = Workers(target, args.processes, args.threads)
+    workers = Workers(target, args)
     try:
         # The bloat volume flows through while the workers run, as in production.
         target.fill(sizes.bloat)
@@ -567,12 +722,21 @@ def fmt(value: float | None, spec: str = ",.0f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def metric(result: Result | None, name: str) -> float | None:
+    """The median of ``name`` in ``result``; ``None`` without the broker or samples."""
+    return None if result is None else result.median(name)
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
 def report(
-    results: dict[str, Result], sizes: Sizes, repeat: int, probes: list[float | None]
+    results: dict[str, Result],
+    sizes: Sizes,
+    repeat: int,
+    probes: list[float | None],
+    args: argparse.Namespace,
 ) -> int:
     header = (
         f"{'broker':<22} {'enqueue/s':>10} {'enq_many/s':>11} {'drain/s':>9} {'CPU us':>7} "
@@ -581,7 +745,9 @@ def report(
     print()
     print(
         f"median of {repeat} interleaved round(s); drain: {sizes.drain:,} no-op messages, "
-        f"dramatiq -p 2 -t 8, worker boot included; bloat: after {sizes.bloat:,} messages"
+        f"dramatiq -p {args.processes} -t {args.threads} "
+        f"(Celery: celery worker -c {args.celery_concurrency}, prefork, late acks), "
+        f"worker boot included; bloat: after {sizes.bloat:,} messages"
     )
     if all(p is not None for p in probes):
         print(
@@ -616,17 +782,40 @@ def report(
             f"{ratio(ordered.drain, plain.drain)} unordered (target >= 0.80x)"
         )
     for kind in ("sql-pg", "sql-sqlite"):
-        r = results.get(kind)
-        if r is None:
+        row = results.get(kind)
+        if row is None:
             continue
         print(
-            f"{LABELS[kind]}: drain {ratio(r.drain, redis and redis.drain)} RedisBroker, "
-            f"{ratio(r.drain, dpg and dpg.drain)} dramatiq-postgres; "
-            f"enqueue {ratio(r.enqueue_one, redis and redis.enqueue_one)} RedisBroker, "
-            f"{ratio(r.enqueue_one, dpg and dpg.enqueue_one)} dramatiq-postgres"
+            f"{LABELS[kind]}: drain {ratio(row.drain, metric(redis, 'drain'))} RedisBroker, "
+            f"{ratio(row.drain, metric(dpg, 'drain'))} dramatiq-postgres; "
+            f"enqueue {ratio(row.enqueue_one, metric(redis, 'enqueue_one'))} RedisBroker, "
+            f"{ratio(row.enqueue_one, metric(dpg, 'enqueue_one'))} dramatiq-postgres"
+        )
+    celery_pg, celery_redis = results.get("celery-pg"), results.get("celery-redis")
+    for kind in ("celery-pg", "celery-sqlite"):
+        row = results.get(kind)
+        if row is None:
+            continue
+        print(
+            f"{kind} drain / celery-redis drain: "
+            f"{ratio(row.drain, metric(celery_redis, 'drain'))}; "
+            f"enqueue {ratio(row.enqueue_one, metric(celery_redis, 'enqueue_one'))}; "
+            f"idle pickup p50 {fmt(row.p50_ms, '.1f')} ms against "
+            f"{fmt(metric(celery_redis, 'p50_ms'), '.1f')} ms"
         )
     pg = results.get("sql-pg")
+    if celery_pg is not None and pg is not None:
+        print(
+            f"celery-pg drain / sql-pg (Dramatiq, same tables) drain: "
+            f"{ratio(celery_pg.drain, pg.drain)}"
+        )
     failures = 0
+    if celery_pg is not None and celery_redis is not None:
+        a, b = celery_pg.drain, celery_redis.drain
+        ok = None if a is None or b is None else a >= b
+        status = "n/a " if ok is None else ("PASS" if ok else "FAIL")
+        failures += ok is False
+        print(f"\ntargets (Celery-botkit-PG):\n  [{status}] drain >= 1.0x Celery-Redis")
     if pg is not None:
         print("\ntargets (SqlBroker-PostgreSQL):")
         checks: list[tuple[str, bool | None]] = [
@@ -673,6 +862,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument(
+        "--celery-concurrency", type=int, default=8, help="pool processes of celery worker -c"
+    )
+    parser.add_argument(
         "--database-url",
         default=os.environ.get("BOTKIT_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL),
     )
@@ -706,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     probes.append(commit_rate(args.database_url))
     for manager, _url in _PGBOUNCER:
         manager.__exit__(None, None, None)
-    return report(results, sizes, args.repeat, probes)
+    return report(results, sizes, args.repeat, probes, args)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ logger = logging.getLogger(__name__)
 
 #: The URL scheme prefix: ``botkit+postgresql://…``, ``botkit+sqlite:///…``.
 SCHEME = "botkit"
-#: Longest single wait of the channel for a message (s); kombu loops around it.
+#: Longest single wait of the channel for a message (s) when kombu gives no
+#: timeout; kombu loops around it.
 WAIT = 1.0
 #: Prefetch of a queue's consumer when Celery has not set one.
 DEFAULT_PREFETCH = 4
@@ -250,7 +251,10 @@ class Channel(virtual.Channel):  # type: ignore[misc]
 
     def _get_many(self, queues: list[str], timeout: float | None = None) -> None:
         self._ensure_pumps(queues)
-        wait = WAIT if timeout is None else min(max(timeout, 0.0), WAIT)
+        # The whole timeout (Celery's worker loop asks for 2 s): kombu sleeps its
+        # polling interval after every empty wait shorter than that, and a
+        # message arriving during that sleep waits for it.
+        wait = WAIT if timeout is None else max(timeout, 0.0)
         try:
             name, consumer, proxy = self._ready.get(timeout=wait)
         except queue_module.Empty:
