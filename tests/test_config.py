@@ -585,3 +585,50 @@ def test_a_celery_worker_runs_the_app_from_env(
     finally:
         client.delete(key)
         client.close()
+
+
+def _noop() -> None:
+    return None
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_celery_tasks_join_the_transactional_outbox(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, opened: list[Backends]
+) -> None:
+    # Given BOTKIT_RUNNER=celery on SQL: the transport writes through the store's engine
+    from botkit_tasks import atomic
+    from botkit_tasks.runners import Job, JobSpec
+    from botkit_tasks.runners.select import runner_for
+
+    env = {"BOTKIT_RUNNER": "celery", "BOTKIT_PREFIX": unique_name("ob")}
+    if kind == "sqlite":
+        env["BOTKIT_SQLITE_PATH"] = str(tmp_path / "ob.sqlite3")
+    else:
+        env["DATABASE_URL"] = request.getfixturevalue("database_url")
+    b = from_env(env)
+    opened.append(b)
+    runner = runner_for(b.broker)
+    runner.declare(JobSpec(name="outbox.job", queue="outbox", body=_noop))
+    assert b.engine is not None and runner.engine is b.engine
+    try:
+        # When a block writes the store and sends a task, then fails
+        with pytest.raises(RuntimeError), atomic(b.engine):
+            b.kv.set(("post", "1"), "draft")
+            runner.enqueue(Job("outbox.job"))
+            raise RuntimeError("the block failed")
+        # Then neither the write nor the task exists
+        assert b.kv.get(("post", "1")) is None and _queued_rows(b, "outbox") == 0
+        # When it succeeds, both do
+        with atomic(b.engine):
+            b.kv.set(("post", "1"), "sent")
+            runner.enqueue(Job("outbox.job"))
+        assert b.kv.get(("post", "1")) == "sent" and _queued_rows(b, "outbox") == 1
+        # And a batch is one transaction: a bad job in it stores none of it
+        with pytest.raises(TypeError):
+            runner.enqueue_many([Job("outbox.job"), Job("outbox.job", ordering_key=7)])  # type: ignore[arg-type]
+        assert _queued_rows(b, "outbox") == 1
+        runner.enqueue_many([Job("outbox.job") for _ in range(5)])
+        assert _queued_rows(b, "outbox") == 6
+    finally:
+        if kind == "postgres":
+            _drop_sql_tables(b)

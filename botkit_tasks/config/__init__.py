@@ -130,6 +130,8 @@ class Backends:
     runner: Runner = "dramatiq"
     celery_url: str | None = field(default=None, repr=False)
     prefix: str = DEFAULT_PREFIX
+    #: ``BOTKIT_PG_LISTEN``: whether the PostgreSQL queue may use LISTEN.
+    pg_listen: bool = field(default=True, repr=False)
 
     def celery_app(self, name: str) -> celery.Celery:
         """A Celery app named ``name`` whose broker is this backend's queue.
@@ -150,7 +152,15 @@ class Backends:
 
         app = Celery(name, broker=self.celery_url)
         if self.kind != "redis":
-            app.conf.broker_transport_options = {"table_prefix": f"{self.prefix}_"}
+            from ..runners.kombu_sql import share_engine
+
+            options: dict[str, Any] = {"table_prefix": f"{self.prefix}_"}
+            if not self.pg_listen:
+                options["listen"] = False
+            app.conf.broker_transport_options = options
+            # The transport writes through the store's engine: a task sent in
+            # ``atomic(backends.engine)`` commits with the block's KV writes.
+            share_engine(self.celery_url.removeprefix("botkit+"), self.engine)
         else:
             # Everything under the prefix: kombu's queues and unacked hash (so
             # bots sharing one Redis never consume each other's tasks) and the
@@ -172,9 +182,10 @@ class Backends:
         """
         self.broker.close()
         if self.runner == "celery" and self.celery_url and self.kind != "redis":
-            from ..runners.kombu_sql import close_brokers
+            from ..runners.kombu_sql import close_brokers, share_engine
 
             close_brokers(self.celery_url.removeprefix("botkit+"))
+            share_engine(self.celery_url.removeprefix("botkit+"), None)
         self.kv.close()
         if self.engine is not None:
             self.engine.dispose()
@@ -391,7 +402,15 @@ def _sql_backends(url: str, variable: str, prefix: str | None, listen: bool) -> 
         raise
     shown = make_url(parsed).render_as_string(hide_password=True)
     kind: BackendKind = "sqlite" if backend == "sqlite" else "postgresql"
-    return Backends(kv=kv, broker=broker, kind=kind, url=shown, engine=engine, prefix=prefix)
+    return Backends(
+        kv=kv,
+        broker=broker,
+        kind=kind,
+        url=shown,
+        engine=engine,
+        prefix=prefix,
+        pg_listen=listen,
+    )
 
 
 def _redis_backends(url: str, prefix: str | None) -> Backends:

@@ -15,16 +15,19 @@ its turn (:func:`.celery.declare_task`).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import celery
+from sqlalchemy.engine import Engine
 
+from .._sql import atomic
 from ..brokers.ordering import check_ordering_key
 from .base import Job, Runner
 from .celery import declare_task, store_for
-from .celery_store import CeleryJob
+from .celery_store import CeleryJob, SqlJobStore
 from .envelope import ORDERING_HEADER, ordering_headers
 from .spec import JobSpec
 
@@ -70,7 +73,23 @@ class CeleryRunner(Runner):
         self._send(job)
 
     def enqueue_many(self, jobs: Sequence[Job]) -> None:
-        # One connection and producer for the whole batch.
-        with self.target.producer_or_acquire() as producer:
+        with contextlib.ExitStack() as stack:
+            engine = self.engine
+            if engine is not None:
+                # Our SQL transport: the whole batch is one transaction (one
+                # commit, one wake-up), each task still published by Celery.
+                stack.enter_context(atomic(engine))
+            # One connection and producer for the whole batch.
+            producer = stack.enter_context(self.target.producer_or_acquire())
             for job in jobs:
                 self._send(job, producer)
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine of the ``botkit+`` transport's table (``None`` on Redis).
+
+        With ``config.from_env()`` it is the key-value store's, so the bot's
+        transactional outbox covers Celery tasks too.
+        """
+        store = store_for(self.target)
+        return store.broker.engine if isinstance(store, SqlJobStore) else None

@@ -48,7 +48,9 @@ from dramatiq.common import current_millis, dq_name, q_name
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 from kombu.transport import virtual
+from sqlalchemy.engine import Engine
 
+from .._sql import transaction
 from ..brokers.sql import SqlBroker
 from ..errors import ConfigurationError
 from .envelope import (
@@ -66,6 +68,7 @@ __all__ = [
     "broker_for",
     "close_brokers",
     "register",
+    "share_engine",
 ]
 
 logger = logging.getLogger(__name__)
@@ -77,10 +80,33 @@ SCHEME = "botkit"
 WAIT = 1.0
 #: Prefetch of a queue's consumer when Celery has not set one.
 DEFAULT_PREFETCH = 4
-_OPTIONS = ("table_prefix", "poll_interval", "heartbeat_timeout", "dead_message_ttl")
+_OPTIONS = ("table_prefix", "poll_interval", "heartbeat_timeout", "dead_message_ttl", "listen")
 
 _brokers: dict[tuple[int, str, tuple[tuple[str, Any], ...]], SqlBroker] = {}
 _brokers_lock = threading.Lock()
+# Database URL (as rendered by SQLAlchemy) -> the Engine its brokers use.
+_shared_engines: dict[str, Engine] = {}
+
+
+def _normal(url: str) -> str:
+    try:
+        return sa.make_url(url).render_as_string(hide_password=False)
+    except sa.exc.ArgumentError:
+        return url
+
+
+def share_engine(url: str, engine: Engine | None) -> None:
+    """Have this process's :func:`broker_for` brokers of ``url`` use ``engine`` (``None``: stop).
+
+    ``config.from_env()`` shares the key-value store's engine, so that a
+    task published inside ``botkit_tasks.atomic(engine)`` (the transactional
+    outbox) commits with the block's key-value writes.
+    """
+    with _brokers_lock:
+        if engine is None:
+            _shared_engines.pop(_normal(url), None)
+        else:
+            _shared_engines[_normal(url)] = engine
 
 
 def register() -> None:
@@ -95,12 +121,14 @@ def broker_for(url: str, options: dict[str, Any] | None = None) -> SqlBroker:
     Celery runner's retry writes) share its engine and its LISTEN thread.
     """
     chosen = {k: v for k, v in (options or {}).items() if k in _OPTIONS}
+    url = _normal(url)
     key = (os.getpid(), url, tuple(sorted(chosen.items())))
     with _brokers_lock:
         broker = _brokers.get(key)
         if broker is None:
             # No middleware: the Celery runner, not Dramatiq's Retries, retries.
-            broker = _brokers[key] = SqlBroker(url, middleware=[], **chosen)
+            target: str | Engine = _shared_engines.get(url, url)
+            broker = _brokers[key] = SqlBroker(target, middleware=[], **chosen)
         return broker
 
 
@@ -110,6 +138,7 @@ def close_brokers(url: str) -> int:
     For a process that is done with a Celery app (``Backends.close()``); a
     later :func:`broker_for` opens a new one.
     """
+    url = _normal(url)
     with _brokers_lock:
         doomed = [key for key in _brokers if key[0] == os.getpid() and key[1] == url]
         brokers = [_brokers.pop(key) for key in doomed]
@@ -281,7 +310,9 @@ class Channel(virtual.Channel):  # type: ignore[misc]
 
     def _size(self, queue: str) -> int:
         m = self.sql.messages
-        with self.sql.engine.begin() as conn:
+        # In the caller's atomic() block when there is one (a publish declares
+        # its queue first); else a read that takes no SQLite write lock.
+        with transaction(self.sql.engine, read_only=True) as conn:
             count = conn.execute(
                 sa.select(sa.func.count())
                 .select_from(m)
@@ -291,7 +322,7 @@ class Channel(virtual.Channel):  # type: ignore[misc]
 
     def _purge(self, queue: str) -> int:
         m = self.sql.messages
-        with self.sql.engine.begin() as conn:
+        with transaction(self.sql.engine) as conn:
             result = conn.execute(
                 m.delete().where(
                     m.c.queue_name.in_([q_name(queue), dq_name(queue)]), m.c.state == "queued"
