@@ -89,7 +89,11 @@ class Setup:
                 left = conn.execute(
                     sa.select(sa.func.count())
                     .select_from(m)
-                    .where(m.c.message_id == task_id, m.c.queue_name == self.queue)
+                    .where(
+                        m.c.message_id == task_id,
+                        m.c.queue_name == self.queue,
+                        m.c.state != "dead",  # a dead letter is a row of its own
+                    )
                 ).scalar_one()
             return left == 0
         # Celery's Redis transport keeps unacked messages in the "unacked" hash.
@@ -225,3 +229,21 @@ def test_a_retry_due_in_six_hours_survives_killing_every_worker_and_runs_once(
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_a_job_killed_by_the_hard_time_limit_is_a_dead_letter_once(setup: Setup) -> None:
+    # Given a job that swallows its soft time limit, so the hard one kills its
+    # pool process (soft 0.5 s, hard 1.5 s in celery_apps/jobs.py)
+    (task_id,) = send_tasks(setup.url, setup.options, setup.queue, "jobs.hang", [["hang"]])
+    worker = setup.worker()
+    try:
+        # Then it is kept as a dead letter that names the time limit
+        assert wait_until(lambda: setup.dead_letter(task_id) is not None, 30), worker.output()
+        assert "TimeLimitExceeded" in str(setup.dead_letter(task_id))
+        # And the message was acked, not delivered again (nor retried)
+        assert wait_until(lambda: setup.first_copy_acked(task_id), 10)
+        time.sleep(4.0)  # several Redis visibility timeouts (1 s)
+        assert len(setup.attempts("hang")) == 1
+        assert setup.scheduled_due(task_id) is None
+    finally:
+        worker.stop()

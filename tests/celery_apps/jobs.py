@@ -13,8 +13,10 @@ import time
 
 import redis
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 from botkit_tasks.runners import JobSpec, PermanentJobError, RetryLater, RetryPolicy
+from botkit_tasks.runners import celery as celery_runner
 from botkit_tasks.runners.celery import declare_task
 
 QUEUE = os.environ.get("CELERY_TEST_QUEUE", "jobs")
@@ -54,4 +56,24 @@ flaky_task = declare_task(
         policy=RetryPolicy(max_retries=2, min_backoff=0.2),
     ),
     app,
+)
+
+#: Seconds a "hang" job may run (the soft limit); the hard limit is 1 s later here.
+HANG_LIMIT = 0.5
+celery_runner.HARD_LIMIT_GRACE = 1.0  # instead of 30 s, so the test ends soon
+
+
+def hang(token: str) -> None:
+    """Record the attempt, then outlive the soft time limit (it is caught) until killed."""
+    _redis.rpush(f"{KEY}:{token}", time.time())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            continue  # a body that swallows the soft limit: only the hard one stops it
+
+
+hang_task = declare_task(
+    JobSpec(name="jobs.hang", queue=QUEUE, body=hang, time_limit=HANG_LIMIT), app
 )
