@@ -65,6 +65,78 @@ def _lock_id(prefix: str, key: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def _hand_on_statement(engine: Engine, messages: sa.Table) -> sa.TextClause:
+    """Ack, release and claim in one statement (PostgreSQL; see ``SqlOrdering.hand_on``)."""
+    t = engine.dialect.identifier_preparer.format_table(messages)
+    now = "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
+    # Every CTE sees the snapshot taken when the statement began, after the key
+    # locks: the acked rows still look like heads (hence "id <> ALL(:acks)"),
+    # and the successors made here look "waiting" to the claim of "ready".
+    sql = f"""
+WITH acked AS (
+    DELETE FROM {t} WHERE id = ANY(:acks)
+),
+successor AS MATERIALIZED (
+    SELECT w.id, w.queue_name, w.available_at
+    FROM unnest(CAST(:keys AS varchar[])) AS k(key)
+    CROSS JOIN LATERAL (
+        SELECT id, queue_name, available_at FROM {t}
+        WHERE ordering_key = k.key AND state = 'waiting'
+        ORDER BY ordering_seq, id
+        LIMIT 1
+    ) AS w
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {t} AS h
+        WHERE h.ordering_key = k.key AND h.state IN ('queued', 'consumed')
+            AND h.id <> ALL(:acks)
+    )
+),
+ready AS MATERIALIZED (
+    SELECT id, available_at FROM {t}
+    WHERE queue_name = :queue AND state = 'queued' AND available_at <= {now}
+    ORDER BY available_at, id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+),
+chosen AS MATERIALIZED (
+    SELECT id FROM (
+        SELECT id, available_at FROM successor
+        WHERE queue_name = :queue AND available_at <= {now}
+        UNION ALL
+        SELECT id, available_at FROM ready
+    ) AS candidate
+    ORDER BY available_at, id
+    LIMIT :limit
+),
+handed AS (
+    UPDATE {t} AS m SET
+        state = CASE WHEN m.id IN (SELECT id FROM chosen) THEN 'consumed' ELSE 'queued' END,
+        worker_id = CASE WHEN m.id IN (SELECT id FROM chosen) THEN CAST(:worker AS varchar) END,
+        consumed_at = CASE WHEN m.id IN (SELECT id FROM chosen) THEN {now} END
+    FROM successor AS s
+    WHERE m.id = s.id
+    RETURNING m.id, m.available_at, m.state, m.queue_name, m.data
+),
+claimed AS (
+    UPDATE {t} AS m SET state = 'consumed', worker_id = :worker, consumed_at = {now}
+    FROM ready AS r
+    WHERE m.id = r.id AND r.id IN (SELECT id FROM chosen)
+    RETURNING m.id, m.available_at, m.state, m.queue_name, m.data
+)
+SELECT id, available_at, state, queue_name, CASE WHEN state = 'consumed' THEN data END AS data
+FROM handed
+UNION ALL
+SELECT id, available_at, state, queue_name, data FROM claimed
+"""
+    return sa.text(sql).bindparams(
+        sa.bindparam("acks", type_=pg_dialect.ARRAY(sa.BigInteger)),
+        sa.bindparam("keys", type_=pg_dialect.ARRAY(sa.String)),
+        sa.bindparam("queue", type_=sa.String),
+        sa.bindparam("limit", type_=sa.Integer),
+        sa.bindparam("worker", type_=sa.String),
+    )
+
+
 class SqlOrdering:
     """The ordering-key statements and hooks of one broker (see the module docstring)."""
 
@@ -143,6 +215,14 @@ class SqlOrdering:
         self._lock_one_async = sa.text(
             "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(:lock)"
         )
+        self._lock_many_async = sa.text(
+            "SELECT set_config('synchronous_commit', 'off', true), "
+            "(SELECT count(pg_advisory_xact_lock(k)) FROM "
+            "(SELECT unnest(CAST(:locks AS bigint[])) AS k ORDER BY 1) AS sorted)"
+        ).bindparams(sa.bindparam("locks", type_=pg_dialect.ARRAY(sa.BigInteger)))
+        self._hand_on = _hand_on_statement(engine, messages) if self.postgres else None
+        if self.postgres:
+            hub.release_keyed = self.release_acked
 
     # -- locking and releasing ------------------------------------------------
 
@@ -192,16 +272,49 @@ class SqlOrdering:
         if queues:
             self.hub.notify_on(conn, sorted(set(queues)))
 
-    def ack(self, row_id: int, key: str | None) -> None:
-        """Record an ack: grouped by the hub when unkeyed, else deleted at once.
+    def ack(self, row_id: int, key: str | None, queue: str) -> bool:
+        """Record the ack of ``row_id``, claimed by a consumer of ``queue``.
 
-        A keyed row is deleted in a transaction of its own that hands its key
-        to the next message: the successor must not wait for a grouped flush.
+        Grouped by the hub, keyed or not, on PostgreSQL: the consumer's next
+        claim deletes the row and hands its key on (:meth:`hand_on`).  On
+        SQLite a keyed row is deleted at once in a transaction that hands its
+        key to the next message.  Returns whether the consumer should wake up
+        to flush (the first keyed ack pending for ``queue``).
         """
-        if key is None:
-            self.hub.add_ack(row_id)
-            return
+        if key is None or self.postgres:
+            return self.hub.add_ack(row_id, key, queue)
         self._locked_release(key, delete=row_id)
+        return False
+
+    def hand_on(
+        self, acks: list[int], keys: list[str], *, queue: str, limit: int, worker: str
+    ) -> list[tuple[int, int, bytes]]:
+        """Delete acked rows, release their ``keys``, claim up to ``limit`` rows of ``queue``.
+
+        One transaction (PostgreSQL only): lock the keys, then one statement
+        deletes ``acks``, finds the next waiting row of each key left without
+        a head, and claims for ``worker`` the ``limit`` oldest of those
+        successors in ``queue`` and its queued rows together, oldest first,
+        as a separate claim would.  Successors not claimed become ``queued``,
+        and their queues are notified.  So a key's next message needs no
+        extra transaction and, when it is among the oldest, no extra claim.
+
+        Returns:
+            The claimed rows as ``(id, available_at, data)``.
+        """
+        assert self._hand_on is not None
+        params = {"acks": acks, "keys": keys, "queue": queue, "limit": limit, "worker": worker}
+        with transaction(self.engine) as conn:
+            conn.execute(self._lock_many_async, {"locks": [_lock_id(self.prefix, k) for k in keys]})
+            rows = conn.execute(self._hand_on, params).all()
+            queued = sorted({row.queue_name for row in rows if row.state == "queued"})
+            if queued:
+                self.hub.notify_on(conn, queued)
+        return [(row.id, row.available_at, row.data) for row in rows if row.state == "consumed"]
+
+    def release_acked(self, acks: list[int], keys: list[str]) -> None:
+        """Delete acked rows and hand their ``keys`` on, claiming nothing (PostgreSQL)."""
+        self.hand_on(acks, sorted(set(keys)), queue="", limit=0, worker="")
 
     def dead_lettered(self, key: str) -> None:
         """Hand ``key`` on after its head became a dead letter."""
