@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.engine import Connection, Engine
 
-from .._sql import transaction
+from .._sql import on_commit, transaction
 from ._dberrors import closed, is_transient
 from ._hub import Hub
 from ._schema import CONSUMED, QUEUED, WAITING, Statements
@@ -65,7 +65,7 @@ def _lock_id(prefix: str, key: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def _hand_on_statement(engine: Engine, messages: sa.Table) -> sa.TextClause:
+def _hand_on_statement(engine: Engine, messages: sa.Table, channel: str) -> sa.TextClause:
     """Ack, release and claim in one statement (PostgreSQL; see ``SqlOrdering.hand_on``)."""
     t = engine.dialect.identifier_preparer.format_table(messages)
     now = "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
@@ -122,11 +122,20 @@ claimed AS (
     FROM ready AS r
     WHERE m.id = r.id AND r.id IN (SELECT id FROM chosen)
     RETURNING m.id, m.available_at, m.state, m.queue_name, m.data
+),
+notified AS (
+    SELECT queue_name, pg_notify(:channel, queue_name) FROM (
+        SELECT DISTINCT queue_name FROM handed WHERE state = 'queued'
+    ) AS released
+    WHERE :notify
 )
 SELECT id, available_at, state, queue_name, CASE WHEN state = 'consumed' THEN data END AS data
 FROM handed
 UNION ALL
 SELECT id, available_at, state, queue_name, data FROM claimed
+UNION ALL
+-- One row per queue woken by NOTIFY: a CTE runs only if it is read.
+SELECT NULL, NULL, 'notified', queue_name, NULL FROM notified
 """
     return sa.text(sql).bindparams(
         sa.bindparam("acks", type_=pg_dialect.ARRAY(sa.BigInteger)),
@@ -134,6 +143,8 @@ SELECT id, available_at, state, queue_name, data FROM claimed
         sa.bindparam("queue", type_=sa.String),
         sa.bindparam("limit", type_=sa.Integer),
         sa.bindparam("worker", type_=sa.String),
+        sa.bindparam("channel", type_=sa.String, value=channel),
+        sa.bindparam("notify", type_=sa.Boolean),
     )
 
 
@@ -141,7 +152,13 @@ class SqlOrdering:
     """The ordering-key statements and hooks of one broker (see the module docstring)."""
 
     def __init__(
-        self, engine: Engine, messages: sa.Table, statements: Statements, hub: Hub[Any], prefix: str
+        self,
+        engine: Engine,
+        messages: sa.Table,
+        statements: Statements,
+        hub: Hub[Any],
+        prefix: str,
+        channel: str,
     ) -> None:
         self.engine = engine
         self.postgres = engine.dialect.name == "postgresql"
@@ -220,7 +237,7 @@ class SqlOrdering:
             "(SELECT count(pg_advisory_xact_lock(k)) FROM "
             "(SELECT unnest(CAST(:locks AS bigint[])) AS k ORDER BY 1) AS sorted)"
         ).bindparams(sa.bindparam("locks", type_=pg_dialect.ARRAY(sa.BigInteger)))
-        self._hand_on = _hand_on_statement(engine, messages) if self.postgres else None
+        self._hand_on = _hand_on_statement(engine, messages, channel) if self.postgres else None
         if self.postgres:
             hub.release_keyed = self.release_acked
 
@@ -303,13 +320,20 @@ class SqlOrdering:
             The claimed rows as ``(id, available_at, data)``.
         """
         assert self._hand_on is not None
-        params = {"acks": acks, "keys": keys, "queue": queue, "limit": limit, "worker": worker}
+        params = {
+            "acks": acks,
+            "keys": keys,
+            "queue": queue,
+            "limit": limit,
+            "worker": worker,
+            "notify": self.hub.notify,
+        }
         with transaction(self.engine) as conn:
             conn.execute(self._lock_many_async, {"locks": [_lock_id(self.prefix, k) for k in keys]})
             rows = conn.execute(self._hand_on, params).all()
             queued = sorted({row.queue_name for row in rows if row.state == "queued"})
             if queued:
-                self.hub.notify_on(conn, queued)
+                on_commit(conn, lambda: self.hub.announce(queued))  # NOTIFY is sent already
         return [(row.id, row.available_at, row.data) for row in rows if row.state == "consumed"]
 
     def release_acked(self, acks: list[int], keys: list[str]) -> None:

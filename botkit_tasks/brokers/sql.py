@@ -177,7 +177,7 @@ class SqlBroker(dramatiq.Broker):
         )
         #: Ordering keys (``send_with_options(ordering_key=…)``); see ``_ordering.py``.
         self.ordering = SqlOrdering(
-            self.engine, self.messages, self.statements, self.hub, table_prefix
+            self.engine, self.messages, self.statements, self.hub, table_prefix, self.channel
         )
         self.maintenance = Maintenance(
             engine=self.engine,
