@@ -4,7 +4,9 @@ A consumer claims up to ``prefetch`` rows of one queue at a time with
 ``FOR UPDATE SKIP LOCKED`` and hands them out one by one.  Acks only record
 the row id; the ids are deleted in one statement together with the next claim
 (or within :data:`ACK_DELAY`), which is where most of the throughput comes
-from.  Each consumer holds its own connection, heartbeats under its own
+from.  On PostgreSQL that holds for acks of keyed messages too: the claim
+that deletes them also releases their keys and may take their successors
+(``SqlOrdering.hand_on``).  Each consumer holds its own connection, heartbeats under its own
 worker id, and sleeps on an event that NOTIFY, local commits and acks set.
 """
 

@@ -5,7 +5,9 @@ consumers of its queues at once (in this process directly; in other
 processes through ``NOTIFY``, which the listener turns back into
 :meth:`Hub.wake_one`).  Acks are grouped: a consumer's ack only records the
 row id, and the next claim (or a flush after :data:`ACK_DELAY`) deletes them
-all in one statement.
+all in one statement.  Acks of messages with an ordering key are kept per
+queue: a claim of that queue deletes them and hands their keys on (see
+``_ordering.py``).
 """
 
 from __future__ import annotations

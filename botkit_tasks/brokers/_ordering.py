@@ -16,13 +16,26 @@ any later message of its key.  A head that keeps failing therefore holds its
 successors back until it succeeds or is dead-lettered; dead letters are not
 heads.
 
+Acks: on PostgreSQL a keyed ack is grouped like an unkeyed one (the hub keeps
+it for the consumers of its queue, which wake up for it).  The consumer's next
+claim runs one transaction: it locks the keys, then one statement
+(:meth:`SqlOrdering.hand_on`) deletes the acked rows, finds each headless
+key's next waiting row, and claims the oldest ``limit`` rows among those
+successors and the queue's queued rows, as a separate claim would; the
+successors it does not take become ``queued`` (with a ``NOTIFY``).  So one
+transaction per batch acks, releases and claims, instead of one transaction
+per keyed ack plus a claim.  Until that flush the acked row stays
+``consumed``: a crash loses the ack and the message runs again, still as its
+key's head.  On SQLite a keyed ack is deleted and released at once.
+
 Concurrency: every transaction that inserts or releases rows of a key first
 takes a transaction-scoped lock on it (PostgreSQL ``pg_advisory_xact_lock``,
 which transaction poolers allow; SQLite serializes writers anyway), so a
-release always sees the inserts of the transactions before it.  Locks on
-several keys are taken in one sorted order.  A maintenance sweep releases any
-key left without a head (a crash between a dead letter and its release, an
-undecodable head), so no key stays stuck.
+release always sees the inserts of the transactions before it: the lock is a
+statement of its own, because a statement's snapshot is taken when it starts.
+Locks on several keys are taken in one sorted order.  A maintenance sweep
+releases any key left without a head (a crash between a dead letter and its
+release, an undecodable head), so no key stays stuck.
 """
 
 from __future__ import annotations
