@@ -221,7 +221,12 @@ class SqlConsumer(Consumer):
                         # Keyed acks: their keys are handed on in the same
                         # transaction that claims (one of its own, locked).
                         rows = broker.ordering.hand_on(
-                            acks, keys, queue=self.queue_name, limit=limit, worker=self.worker_id
+                            conn,
+                            acks,
+                            keys,
+                            queue=self.queue_name,
+                            limit=limit,
+                            worker=self.worker_id,
                         )
                     else:
                         rows = list(

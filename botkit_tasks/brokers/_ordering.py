@@ -40,6 +40,7 @@ release, an undecodable head), so no key stays stuck.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -48,7 +49,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.engine import Connection, Engine
 
-from .._sql import on_commit, transaction
+from .._sql import transaction
 from ._dberrors import closed, is_transient
 from ._hub import Hub
 from ._schema import CONSUMED, QUEUED, WAITING, Statements
@@ -111,14 +112,20 @@ ready AS MATERIALIZED (
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 ),
+-- Successors first (their consumer keeps draining their keys), except that
+-- the :reserve oldest queued rows compete with them by age: a claim never
+-- leaves the oldest queued rows behind hand-offs alone, so keys that stay
+-- busy cannot starve the rest of the queue.
 chosen AS MATERIALIZED (
     SELECT id FROM (
-        SELECT id, available_at FROM successor
+        SELECT id, available_at, 0 AS rank FROM successor
         WHERE queue_name = :queue AND available_at <= {now}
         UNION ALL
-        SELECT id, available_at FROM ready
+        SELECT id, available_at,
+            CASE WHEN row_number() OVER (ORDER BY available_at, id) <= :reserve THEN 0 ELSE 1 END
+        FROM ready
     ) AS candidate
-    ORDER BY available_at, id
+    ORDER BY rank, available_at, id
     LIMIT :limit
 ),
 handed AS (
@@ -155,6 +162,7 @@ SELECT NULL, NULL, 'notified', queue_name, NULL FROM notified
         sa.bindparam("keys", type_=pg_dialect.ARRAY(sa.String)),
         sa.bindparam("queue", type_=sa.String),
         sa.bindparam("limit", type_=sa.Integer),
+        sa.bindparam("reserve", type_=sa.Integer),
         sa.bindparam("worker", type_=sa.String),
         sa.bindparam("channel", type_=sa.String, value=channel),
         sa.bindparam("notify", type_=sa.Boolean),
@@ -317,17 +325,30 @@ class SqlOrdering:
         return False
 
     def hand_on(
-        self, acks: list[int], keys: list[str], *, queue: str, limit: int, worker: str
+        self,
+        conn: Connection | None,
+        acks: list[int],
+        keys: list[str],
+        *,
+        queue: str,
+        limit: int,
+        worker: str,
     ) -> list[tuple[int, int, bytes]]:
         """Delete acked rows, release their ``keys``, claim up to ``limit`` rows of ``queue``.
 
         One transaction (PostgreSQL only): lock the keys, then one statement
         deletes ``acks``, finds the next waiting row of each key left without
-        a head, and claims for ``worker`` the ``limit`` oldest of those
-        successors in ``queue`` and its queued rows together, oldest first,
-        as a separate claim would.  Successors not claimed become ``queued``,
-        and their queues are notified.  So a key's next message needs no
-        extra transaction and, when it is among the oldest, no extra claim.
+        a head, and claims for ``worker`` up to ``limit`` of those successors
+        in ``queue`` and of its queued rows: successors first, except that
+        the oldest quarter of the queued rows competes with them by age.
+        Successors not claimed become ``queued``, and their queues are
+        notified.  So a key's next message usually needs neither a
+        transaction of its own nor a claim.
+
+        Args:
+            conn: The consumer's connection, in autocommit mode (the
+                transaction is opened on it explicitly), or ``None`` for a
+                pooled one.
 
         Returns:
             The claimed rows as ``(id, available_at, data)``.
@@ -338,20 +359,42 @@ class SqlOrdering:
             "keys": keys,
             "queue": queue,
             "limit": limit,
+            "reserve": (limit + 3) // 4,
             "worker": worker,
             "notify": self.hub.notify,
         }
-        with transaction(self.engine) as conn:
-            conn.execute(self._lock_many_async, {"locks": [_lock_id(self.prefix, k) for k in keys]})
-            rows = conn.execute(self._hand_on, params).all()
-            queued = sorted({row.queue_name for row in rows if row.state == "queued"})
-            if queued:
-                on_commit(conn, lambda: self.hub.announce(queued))  # NOTIFY is sent already
+        locks = sorted(_lock_id(self.prefix, k) for k in keys)
+        if conn is None:
+            with transaction(self.engine) as pooled:
+                pooled.execute(self._lock_many_async, {"locks": locks})
+                rows = pooled.execute(self._hand_on, params).all()
+        else:
+            # BEGIN and the locks in one round trip: a simple query (sent
+            # without parameters; the lock ids are integers made here), on a
+            # connection whose autocommit mode leaves the transaction to us.
+            lock_sql = (
+                "BEGIN; SELECT set_config('synchronous_commit', 'off', true), "
+                "count(pg_advisory_xact_lock(k)) FROM unnest("
+                f"CAST('{{{','.join(map(str, locks))}}}' AS bigint[])) AS k"
+            )
+            try:
+                conn.exec_driver_sql(lock_sql, execution_options={"no_parameters": True})
+                rows = conn.execute(self._hand_on, params).all()
+                conn.exec_driver_sql("COMMIT")
+            except BaseException:
+                if not conn.invalidated:
+                    # Else the connection is replaced at the consumer's next claim.
+                    with contextlib.suppress(sa.exc.DBAPIError):
+                        conn.exec_driver_sql("ROLLBACK")
+                raise
+        queued = sorted({row.queue_name for row in rows if row.state == "queued"})
+        if queued:
+            self.hub.announce(queued)  # NOTIFY went with the statement
         return [(row.id, row.available_at, row.data) for row in rows if row.state == "consumed"]
 
     def release_acked(self, acks: list[int], keys: list[str]) -> None:
         """Delete acked rows and hand their ``keys`` on, claiming nothing (PostgreSQL)."""
-        self.hand_on(acks, sorted(set(keys)), queue="", limit=0, worker="")
+        self.hand_on(None, acks, sorted(set(keys)), queue="", limit=0, worker="")
 
     def dead_lettered(self, key: str) -> None:
         """Hand ``key`` on after its head became a dead letter."""
