@@ -105,11 +105,16 @@ successor AS MATERIALIZED (
             AND h.id <> ALL(:acks)
     )
 ),
+mine AS MATERIALIZED (
+    SELECT id, available_at FROM successor
+    WHERE queue_name = :queue AND available_at <= {now}
+),
+-- Only as many queued rows as "chosen" can take: each one is locked.
 ready AS MATERIALIZED (
     SELECT id, available_at FROM {t}
     WHERE queue_name = :queue AND state = 'queued' AND available_at <= {now}
     ORDER BY available_at, id
-    LIMIT :limit
+    LIMIT GREATEST(:reserve, :limit - (SELECT count(*) FROM mine))
     FOR UPDATE SKIP LOCKED
 ),
 -- Successors first (their consumer keeps draining their keys), except that
@@ -118,8 +123,7 @@ ready AS MATERIALIZED (
 -- busy cannot starve the rest of the queue.
 chosen AS MATERIALIZED (
     SELECT id FROM (
-        SELECT id, available_at, 0 AS rank FROM successor
-        WHERE queue_name = :queue AND available_at <= {now}
+        SELECT id, available_at, 0 AS rank FROM mine
         UNION ALL
         SELECT id, available_at,
             CASE WHEN row_number() OVER (ORDER BY available_at, id) <= :reserve THEN 0 ELSE 1 END
@@ -372,8 +376,11 @@ class SqlOrdering:
             # BEGIN and the locks in one round trip: a simple query (sent
             # without parameters; the lock ids are integers made here), on a
             # connection whose autocommit mode leaves the transaction to us.
+            # The generic plan of the prepared statement: PostgreSQL may
+            # otherwise keep planning it anew (custom plans), 0.5 ms a batch.
             lock_sql = (
                 "BEGIN; SELECT set_config('synchronous_commit', 'off', true), "
+                "set_config('plan_cache_mode', 'force_generic_plan', true), "
                 "count(pg_advisory_xact_lock(k)) FROM unnest("
                 f"CAST('{{{','.join(map(str, locks))}}}' AS bigint[])) AS k"
             )
