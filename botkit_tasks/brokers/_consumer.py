@@ -6,8 +6,9 @@ the row id; the ids are deleted in one statement together with the next claim
 (or within :data:`ACK_DELAY`), which is where most of the throughput comes
 from.  On PostgreSQL that holds for acks of keyed messages too: the claim
 that deletes them also releases their keys and may take their successors
-(``SqlOrdering.hand_on``).  Each consumer holds its own connection, heartbeats under its own
-worker id, and sleeps on an event that NOTIFY, local commits and acks set.
+(``SqlOrdering.hand_on``).  Each consumer holds its own connection,
+heartbeats under its own worker id, and sleeps on an event that NOTIFY,
+local commits and acks set.
 """
 
 from __future__ import annotations
@@ -386,7 +387,7 @@ class SqlConsumer(Consumer):
         key = message.options.get("ordering_key")
         if self.broker.ordering.ack(row_id, key, self.queue_name):
             self._event.set()  # a key waits for this consumer's next claim
-        if key is not None and self._closed:
+        if key is not None and self._closed and self.broker.is_postgres:
             # Closed while acking: no claim of this consumer will hand it on.
             self._flush_closed()
 
