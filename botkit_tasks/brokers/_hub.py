@@ -32,6 +32,8 @@ __all__ = ["ACK_DELAY", "Hub", "Waiter", "chunks"]
 
 #: Longest time (s) an ack waits to be grouped with others into one DELETE.
 ACK_DELAY = 0.005
+#: Seconds after which any consumer flushes keyed acks left by another queue's.
+KEYED_ACK_STALE = 0.05
 #: Most ids in one ``IN (...)`` list (SQLite caps bound parameters).
 _CHUNK = 5000
 
@@ -209,24 +211,38 @@ class Hub(Generic[W]):
         """Whether acks wait to be deleted."""
         return bool(self._acks or self._keyed)
 
-    def _mine(self, queue: str | None) -> list[str]:
-        """Queues whose keyed acks a consumer of ``queue`` flushes: its own, and
-        those of queues without a consumer here (``None``: every queue).  Locked."""
-        return [q for q in self._keyed if queue is None or q == queue or not self._waiters.get(q)]
+    def _mine(self, queue: str | None, now: float) -> list[str]:
+        """Queues whose keyed acks a consumer of ``queue`` flushes (``None``:
+        every queue): its own, those of queues without a consumer here, and
+        those left for :data:`KEYED_ACK_STALE` (their consumer is not
+        iterating, e.g. one made for a single ``basic_get``).  Locked."""
+        return [
+            q
+            for q in self._keyed
+            if queue is None
+            or q == queue
+            or not self._waiters.get(q)
+            or now - self._keyed_since[q] >= KEYED_ACK_STALE
+        ]
 
     def keyed_pending(self, queue: str) -> bool:
         """Whether keyed acks wait for a consumer of ``queue`` to hand their keys on."""
         with self.lock:
-            return bool(self._mine(queue))
+            return bool(self._mine(queue, time.monotonic()))
 
     def flush_at(self, queue: str | None = None) -> float | None:
         """``time.monotonic()`` by which a consumer of ``queue`` must flush its
-        pending acks (within :data:`ACK_DELAY` of the oldest), or ``None``."""
+        pending acks (within :data:`ACK_DELAY` of the oldest; other queues'
+        keyed acks after :data:`KEYED_ACK_STALE`), or ``None``."""
         with self.lock:
-            since = [self._keyed_since[q] for q in self._mine(queue)]
+            mine = set(self._mine(queue, time.monotonic()))
+            due = [
+                self._keyed_since[q] + (ACK_DELAY if q in mine else KEYED_ACK_STALE)
+                for q in self._keyed
+            ]
             if self._acks:
-                since.append(self._acks_since)
-        return min(since) + ACK_DELAY if since else None
+                due.append(self._acks_since + ACK_DELAY)
+        return min(due) if due else None
 
     def flush_acks_now(self) -> None:
         """DELETE the pending acks in a transaction of their own."""
@@ -250,7 +266,7 @@ class Hub(Generic[W]):
         """
         with self.lock:
             ids, self._acks = self._acks, []
-            keyed = {q: self._keyed.pop(q) for q in self._mine(queue)}
+            keyed = {q: self._keyed.pop(q) for q in self._mine(queue, time.monotonic())}
             since = {q: self._keyed_since.pop(q) for q in keyed}
         keys = sorted({key for pairs in keyed.values() for _, key in pairs})
         all_ids = ids + [row_id for pairs in keyed.values() for row_id, _ in pairs]
