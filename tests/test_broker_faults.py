@@ -18,7 +18,7 @@ import dramatiq
 import dramatiq.worker
 import pytest
 import sqlalchemy as sa
-from _broker_support import dramatiq_cli, make_counter, wait_until
+from _broker_support import dramatiq_cli, make_counter, make_event_log, wait_until
 from conftest import DEFAULT_DATABASE_URL, unique_name
 from dramatiq.message import Message
 
@@ -119,6 +119,66 @@ def test_sigkilled_worker_messages_run_again(url: str, prefix: str) -> None:
         assert set(counter.counts()) == set(keys)
     finally:
         counter.drop()
+        broker.drop_tables()
+        broker.close()
+
+
+def test_sigkilled_worker_keeps_ordering_keys_in_order(url: str, prefix: str) -> None:
+    # Given 10 keys x 30 keyed messages and a worker process with a 2 s heartbeat timeout
+    broker = SqlBroker(url, table_prefix=prefix, heartbeat_timeout=2, listen=listen_for(url))
+    events = make_event_log("sql", url, prefix)
+    queue = unique_name("q")
+    env = {
+        "BOTKIT_BROKER_KIND": "sql",
+        "BOTKIT_BROKER_URL": url,
+        "BOTKIT_BROKER_PREFIX": prefix,
+        "BOTKIT_BROKER_QUEUE": queue,
+        "BOTKIT_HEARTBEAT_TIMEOUT": "2",
+        "BOTKIT_TASK_SLEEP": "0.01",
+        "BOTKIT_PG_LISTEN": "1" if listen_for(url) else "0",
+    }
+    keys = [f"k{n}" for n in range(10)]
+    messages = [
+        Message(
+            queue_name=queue,
+            actor_name="step",
+            args=(key, i),
+            kwargs={},
+            options={"ordering_key": key},
+        )
+        for i in range(30)
+        for key in keys
+    ]
+
+    def ends() -> list[tuple[str, int]]:
+        return [(key, i) for key, i, event in events.all() if event == "end"]
+
+    try:
+        broker.enqueue_many(messages)
+
+        # When the worker is killed with SIGKILL while keys are mid-way
+        with dramatiq_cli("tests.broker_apps.ordered", env, "-p", "1", "-t", "4") as proc:
+            assert wait_until(lambda: len(ends()) >= 60, 60)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        m = broker.messages
+        with broker.engine.connect() as conn:
+            orphaned = conn.execute(
+                sa.select(sa.func.count()).where(m.c.state == "consumed")
+            ).scalar()
+        assert orphaned, "the kill should leave claimed heads behind"
+
+        # Then a new worker runs the dead worker's heads again, and only then
+        # their successors: per key, the successes never go backwards
+        with dramatiq_cli("tests.broker_apps.ordered", env, "-p", "1", "-t", "4"):
+            broker.join(queue, timeout=90_000)
+        done = ends()
+        for key in keys:
+            seq = [i for k, i in done if k == key]
+            assert seq == sorted(seq), (key, seq)
+            assert set(seq) == set(range(30)), (key, seq)
+    finally:
+        events.drop()
         broker.drop_tables()
         broker.close()
 

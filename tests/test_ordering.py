@@ -19,6 +19,7 @@ from typing import Any
 
 import dramatiq
 import pytest
+import sqlalchemy as sa
 from _broker_support import dramatiq_cli, make_event_log, wait_until
 from conftest import unique_name
 from dramatiq.brokers.redis import RedisBroker
@@ -93,6 +94,15 @@ class Setup:
 
 @pytest.fixture(params=KINDS)
 def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    s = Setup(request.param, request.getfixturevalue(URLS[request.param]))
+    try:
+        yield s
+    finally:
+        s.cleanup()
+
+
+@pytest.fixture(params=["postgres", "pgbouncer", "sqlite"])
+def sql_setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
     s = Setup(request.param, request.getfixturevalue(URLS[request.param]))
     try:
         yield s
@@ -211,6 +221,46 @@ def test_a_retrying_head_does_not_slow_other_keys_or_unkeyed_messages(
         worker.stop()
 
 
+def test_a_successor_is_claimed_in_enqueue_order_after_its_heads_ack(
+    sql_setup: Setup,
+) -> None:
+    setup = sql_setup
+    broker = setup.broker
+    # Given A1 and A2 of key A with an unkeyed message sent between them
+    plain = Message(queue_name=setup.queue, actor_name="step", args=("u", 0), kwargs={}, options={})
+    broker.enqueue(setup.message("step", "A", 1))
+    broker.enqueue(plain)
+    broker.enqueue(setup.message("step", "A", 2))
+    m = broker.messages
+
+    def states() -> list[tuple[int, str]]:
+        with broker.engine.connect() as conn:
+            rows = conn.execute(sa.select(m.c.data, m.c.state).order_by(m.c.id)).all()
+        return [(Message.decode(bytes(data)).args[1], state) for data, state in rows]
+
+    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    try:
+        # When a consumer that holds one message at a time acks A1
+        first = next(consumer)
+        assert first is not None and first.args == ("A", 1)
+        consumer.ack(first)
+        if setup.kind != "sqlite":
+            # (on PostgreSQL the ack waits for the consumer's next claim, which
+            # deletes A1 and releases A in its own transaction)
+            assert states() == [(1, "consumed"), (0, "queued"), (2, "waiting")]
+        # Then its next claims take the unkeyed message, older than A2, and then A2
+        second = next(consumer)
+        assert second is not None and second.args == ("u", 0)
+        assert states() == [(0, "consumed"), (2, "queued")]
+        consumer.ack(second)
+        third = next(consumer)
+        assert third is not None and third.args == ("A", 2)
+        consumer.ack(third)
+        broker.join(setup.queue, timeout=5000)
+    finally:
+        consumer.close()
+
+
 @pytest.mark.parametrize(
     ("key", "error"),
     [
@@ -298,8 +348,6 @@ def test_a_key_left_without_head_is_released_by_maintenance(sqlite_url: str) -> 
 
 
 def test_tables_made_before_ordering_keys_gain_the_columns(sqlite_url: str) -> None:
-    import sqlalchemy as sa
-
     # Given a messages table without the ordering columns (an older version's)
     prefix = unique_name("ord") + "_"
     broker = SqlBroker(sqlite_url, table_prefix=prefix)

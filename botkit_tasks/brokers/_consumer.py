@@ -4,8 +4,11 @@ A consumer claims up to ``prefetch`` rows of one queue at a time with
 ``FOR UPDATE SKIP LOCKED`` and hands them out one by one.  Acks only record
 the row id; the ids are deleted in one statement together with the next claim
 (or within :data:`ACK_DELAY`), which is where most of the throughput comes
-from.  Each consumer holds its own connection, heartbeats under its own
-worker id, and sleeps on an event that NOTIFY, local commits and acks set.
+from.  On PostgreSQL that holds for acks of keyed messages too: the claim
+that deletes them also releases their keys and may take their successors
+(``SqlOrdering.hand_on``).  Each consumer holds its own connection,
+heartbeats under its own worker id, and sleeps on an event that NOTIFY,
+local commits and acks set.
 """
 
 from __future__ import annotations
@@ -134,7 +137,7 @@ class SqlConsumer(Consumer):
             if free > 0 and self._should_claim(free, now):
                 if self._claim(min(free, MAX_CLAIM)):
                     continue
-            elif now >= self._next_heartbeat or self.broker.hub.acks_due(now):
+            elif now >= self._next_heartbeat or self._acks_due(now):
                 self._flush()
             if self._need_due:
                 self._schedule_poll(self._connection())
@@ -151,8 +154,8 @@ class SqlConsumer(Consumer):
                 wake_at = min(wake_at, self._next_poll)
                 if self._coalesce_until is not None:
                     wake_at = min(wake_at, self._coalesce_until)
-            if self.broker.hub.acks_pending:
-                wake_at = min(wake_at, self.broker.hub.acks_flush_at)
+            if (flush_at := self._flush_at()) is not None:
+                wake_at = min(wake_at, flush_at)
             if self._hold_until is not None:
                 wake_at = min(wake_at, self._hold_until)
             self._event.wait(max(wake_at - now, 0.0))
@@ -170,8 +173,21 @@ class SqlConsumer(Consumer):
                     self._hold_until = hold
         return proxy
 
+    def _flush_at(self) -> float | None:
+        """When the acks this consumer flushes are due (see ``Hub.flush_at``)."""
+        return self.broker.hub.flush_at(self.queue_name)
+
+    def _acks_due(self, now: float) -> bool:
+        flush_at = self._flush_at()
+        return flush_at is not None and now >= flush_at
+
     def _should_claim(self, free: int, now: float) -> bool:
         if self._notified or now >= self._next_poll:
+            return True
+        if self.broker.hub.keyed_pending(self.queue_name) and (
+            free >= self._refill or self._acks_due(now)
+        ):
+            # Keys wait for this claim to hand them on, drained queue or not.
             return True
         if self._drained:
             return False  # nothing was left at the last claim; wait for a wake-up
@@ -195,15 +211,28 @@ class SqlConsumer(Consumer):
         # On PostgreSQL the connection is in autocommit mode: begin() emits
         # nothing and each statement commits on its own.
         restore: Callable[[], None] | None = None
+        rows: list[Any]
         try:
             with conn.begin():
                 self._heartbeat(conn, time.monotonic())
                 self._adopt(conn)
                 if broker.is_postgres:
-                    acks, restore = broker.hub.take_acks()
-                    rows = list(
-                        conn.execute(broker.statements.ack_and_claim, {**params, "acks": acks})
-                    )
+                    acks, keys, restore = broker.hub.take_acks(self.queue_name)
+                    if keys:
+                        # Keyed acks: their keys are handed on in the same
+                        # transaction that claims (one of its own, locked).
+                        rows = broker.ordering.hand_on(
+                            conn,
+                            acks,
+                            keys,
+                            queue=self.queue_name,
+                            limit=limit,
+                            worker=self.worker_id,
+                        )
+                    else:
+                        rows = list(
+                            conn.execute(broker.statements.ack_and_claim, {**params, "acks": acks})
+                        )
                 else:
                     restore = broker.hub.flush_acks(conn)
                     rows = list(conn.execute(broker.statements.claim, params))
@@ -306,7 +335,7 @@ class SqlConsumer(Consumer):
         restore: Callable[[], None] | None = None
         try:
             with conn.begin():
-                restore = self.broker.hub.flush_acks(conn)
+                restore = self.broker.hub.flush_acks(conn, self.queue_name)
                 self._heartbeat(conn, time.monotonic())
         except BaseException:
             if restore is not None:
@@ -346,13 +375,21 @@ class SqlConsumer(Consumer):
 
     # Called from worker threads.
     def ack(self, message: MessageProxy) -> None:
-        """Mark ``message`` done; its row is deleted with the next grouped flush (or at
-        once when it has an ordering key, whose next message may then run)."""
+        """Mark ``message`` done; its row is deleted with the next grouped flush.
+
+        With an ordering key, that flush (this consumer's next claim) also
+        hands the key to its next message; on SQLite it happens at once.
+        """
         row_id = getattr(message, "row_id", None)
         if row_id is None:
             return
         self._release((row_id,))
-        self.broker.ordering.ack(row_id, message.options.get("ordering_key"))
+        key = message.options.get("ordering_key")
+        if self.broker.ordering.ack(row_id, key, self.queue_name):
+            self._event.set()  # a key waits for this consumer's next claim
+        if key is not None and self._closed and self.broker.is_postgres:
+            # Closed while acking: no claim of this consumer will hand it on.
+            self._flush_closed()
 
     def nack(self, message: MessageProxy) -> None:
         """Keep ``message`` as a dead letter, with its final options (traceback, retries)."""
@@ -405,6 +442,14 @@ class SqlConsumer(Consumer):
                         .values(state=QUEUED, worker_id=None, consumed_at=None)
                     )
                 self.broker.hub.notify_on(conn, [self.queue_name], local=False)
+        except sa.exc.DBAPIError as exc:
+            if is_transient(self.broker.engine, exc):
+                raise closed(exc) from exc
+            raise
+
+    def _flush_closed(self) -> None:
+        try:
+            self.broker.hub.flush_acks_now()
         except sa.exc.DBAPIError as exc:
             if is_transient(self.broker.engine, exc):
                 raise closed(exc) from exc

@@ -5,7 +5,9 @@ consumers of its queues at once (in this process directly; in other
 processes through ``NOTIFY``, which the listener turns back into
 :meth:`Hub.wake_one`).  Acks are grouped: a consumer's ack only records the
 row id, and the next claim (or a flush after :data:`ACK_DELAY`) deletes them
-all in one statement.
+all in one statement.  Acks of messages with an ordering key are kept per
+queue: a claim of that queue deletes them and hands their keys on (see
+``_ordering.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ __all__ = ["ACK_DELAY", "Hub", "Waiter", "chunks"]
 
 #: Longest time (s) an ack waits to be grouped with others into one DELETE.
 ACK_DELAY = 0.005
+#: Seconds after which any consumer flushes keyed acks left by another queue's.
+KEYED_ACK_STALE = 0.05
 #: Most ids in one ``IN (...)`` list (SQLite caps bound parameters).
 _CHUNK = 5000
 
@@ -77,6 +81,12 @@ class Hub(Generic[W]):
         self._orphans: dict[str, list[W]] = {}
         self._acks: list[int] = []
         self._acks_since = 0.0
+        # Keyed acks by the queue of the consumer they came through.
+        self._keyed: dict[str, list[tuple[int, str]]] = {}
+        self._keyed_since: dict[str, float] = {}
+        #: Deletes acked rows and hands their keys on, in a transaction of its
+        #: own: ``release_keyed(row_ids, keys)``.  Set by ``SqlOrdering``.
+        self.release_keyed: Callable[[list[int], list[str]], None] | None = None
 
     # -- consumers -------------------------------------------------------------
 
@@ -164,12 +174,27 @@ class Hub(Generic[W]):
 
     # -- grouped acks ----------------------------------------------------------
 
-    def add_ack(self, row_id: int) -> None:
-        """Record the ack of ``row_id``; deleted with the next claim or flush."""
+    def add_ack(self, row_id: int, key: str | None = None, queue: str = "") -> bool:
+        """Record the ack of ``row_id``; deleted with the next claim or flush.
+
+        A keyed ack (``key``, acked through a consumer of ``queue``) is kept
+        for that queue's consumers, whose next claim hands the key on (see
+        :attr:`release_keyed`).  Returns whether it is the first keyed ack
+        pending for ``queue``: the consumer should then wake up to flush it.
+        """
+        first = False
         with self.lock:
-            if not self._acks:
-                self._acks_since = time.monotonic()
-            self._acks.append(row_id)
+            now = time.monotonic()
+            if key is None:
+                if not self._acks:
+                    self._acks_since = now
+                self._acks.append(row_id)
+            else:
+                pending = self._keyed.setdefault(queue, [])
+                if not pending:
+                    self._keyed_since[queue] = now
+                    first = True
+                pending.append((row_id, key))
             orphan = not any(self._waiters.values())
         if orphan:
             # No consumer left to flush it (e.g. an ack after shutdown began).
@@ -179,20 +204,45 @@ class Hub(Generic[W]):
                 if is_transient(self.engine, exc):
                     raise closed(exc) from exc
                 raise
+        return first
 
     @property
     def acks_pending(self) -> bool:
         """Whether acks wait to be deleted."""
-        return bool(self._acks)
+        return bool(self._acks or self._keyed)
 
-    @property
-    def acks_flush_at(self) -> float:
-        """``time.monotonic()`` by which the pending acks must be deleted."""
-        return self._acks_since + ACK_DELAY
+    def _mine(self, queue: str | None, now: float) -> list[str]:
+        """Queues whose keyed acks a consumer of ``queue`` flushes (``None``:
+        every queue): its own, those of queues without a consumer here, and
+        those left for :data:`KEYED_ACK_STALE` (their consumer is not
+        iterating, e.g. one made for a single ``basic_get``).  Locked."""
+        return [
+            q
+            for q in self._keyed
+            if queue is None
+            or q == queue
+            or not self._waiters.get(q)
+            or now - self._keyed_since[q] >= KEYED_ACK_STALE
+        ]
 
-    def acks_due(self, now: float) -> bool:
-        """Whether the oldest pending ack has waited :data:`ACK_DELAY`."""
-        return bool(self._acks) and now - self._acks_since >= ACK_DELAY
+    def keyed_pending(self, queue: str) -> bool:
+        """Whether keyed acks wait for a consumer of ``queue`` to hand their keys on."""
+        with self.lock:
+            return bool(self._mine(queue, time.monotonic()))
+
+    def flush_at(self, queue: str | None = None) -> float | None:
+        """``time.monotonic()`` by which a consumer of ``queue`` must flush its
+        pending acks (within :data:`ACK_DELAY` of the oldest; other queues'
+        keyed acks after :data:`KEYED_ACK_STALE`), or ``None``."""
+        with self.lock:
+            mine = set(self._mine(queue, time.monotonic()))
+            due = [
+                self._keyed_since[q] + (ACK_DELAY if q in mine else KEYED_ACK_STALE)
+                for q in self._keyed
+            ]
+            if self._acks:
+                due.append(self._acks_since + ACK_DELAY)
+        return min(due) if due else None
 
     def flush_acks_now(self) -> None:
         """DELETE the pending acks in a transaction of their own."""
@@ -205,24 +255,50 @@ class Hub(Generic[W]):
                 restore()
             raise
 
-    def take_acks(self) -> tuple[list[int], Callable[[], None]]:
-        """Take the pending acks; call the returned function to put them back
-        if the statement deleting them fails, so that no ack is lost."""
+    def take_acks(
+        self, queue: str | None = None
+    ) -> tuple[list[int], list[str], Callable[[], None]]:
+        """Take the pending acks a consumer of ``queue`` flushes (``None``: all).
+
+        Returns the row ids (keyed ones included), the keys of the keyed ones
+        (sorted, unique) and a function that puts them back if the statement
+        deleting them fails, so that no ack is lost.
+        """
         with self.lock:
             ids, self._acks = self._acks, []
+            keyed = {q: self._keyed.pop(q) for q in self._mine(queue, time.monotonic())}
+            since = {q: self._keyed_since.pop(q) for q in keyed}
+        keys = sorted({key for pairs in keyed.values() for _, key in pairs})
+        all_ids = ids + [row_id for pairs in keyed.values() for row_id, _ in pairs]
 
         def restore() -> None:
             with self.lock:
-                if not self._acks:
-                    self._acks_since = time.monotonic()
-                self._acks.extend(ids)
+                if ids:
+                    if not self._acks:
+                        self._acks_since = time.monotonic()
+                    self._acks.extend(ids)
+                for q, pairs in keyed.items():
+                    pending = self._keyed.setdefault(q, [])
+                    if not pending:
+                        self._keyed_since[q] = since[q]
+                    pending[:0] = pairs
 
-        return ids, restore
+        return all_ids, keys, restore
 
-    def flush_acks(self, conn: Connection) -> Callable[[], None]:
-        """DELETE the pending acks on ``conn``; returns the restore function."""
-        ids, restore = self.take_acks()
+    def flush_acks(self, conn: Connection, queue: str | None = None) -> Callable[[], None]:
+        """DELETE the pending acks (those of a consumer of ``queue``) on ``conn``.
+
+        Keyed acks are flushed with :attr:`release_keyed` in a transaction of
+        its own, which then deletes the unkeyed ones too; otherwise the
+        statements run on ``conn``.  Returns the restore function (for a
+        commit of ``conn`` that fails).
+        """
+        ids, keys, restore = self.take_acks(queue)
         try:
+            if keys:
+                assert self.release_keyed is not None
+                self.release_keyed(ids, keys)
+                return lambda: None  # committed already
             for chunk in chunks(ids):
                 conn.execute(self.statements.delete, {"ids": chunk})
         except BaseException:

@@ -16,17 +16,31 @@ any later message of its key.  A head that keeps failing therefore holds its
 successors back until it succeeds or is dead-lettered; dead letters are not
 heads.
 
+Acks: on PostgreSQL a keyed ack is grouped like an unkeyed one (the hub keeps
+it for the consumers of its queue, which wake up for it).  The consumer's next
+claim runs one transaction: it locks the keys, then one statement
+(:meth:`SqlOrdering.hand_on`) deletes the acked rows, finds each headless
+key's next waiting row, and claims the oldest ``limit`` rows among those
+successors and the queue's queued rows, as a separate claim would; the
+successors it does not take become ``queued`` (with a ``NOTIFY``).  So one
+transaction per batch acks, releases and claims, instead of one transaction
+per keyed ack plus a claim.  Until that flush the acked row stays
+``consumed``: a crash loses the ack and the message runs again, still as its
+key's head.  On SQLite a keyed ack is deleted and released at once.
+
 Concurrency: every transaction that inserts or releases rows of a key first
 takes a transaction-scoped lock on it (PostgreSQL ``pg_advisory_xact_lock``,
 which transaction poolers allow; SQLite serializes writers anyway), so a
-release always sees the inserts of the transactions before it.  Locks on
-several keys are taken in one sorted order.  A maintenance sweep releases any
-key left without a head (a crash between a dead letter and its release, an
-undecodable head), so no key stays stuck.
+release always sees the inserts of the transactions before it: the lock is a
+statement of its own, because a statement's snapshot is taken when it starts.
+Locks on several keys are taken in one sorted order.  A maintenance sweep
+releases any key left without a head (a crash between a dead letter and its
+release, an undecodable head), so no key stays stuck.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -65,11 +79,111 @@ def _lock_id(prefix: str, key: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def _hand_on_statement(engine: Engine, messages: sa.Table, channel: str) -> sa.TextClause:
+    """Ack, release and claim in one statement (PostgreSQL; see ``SqlOrdering.hand_on``)."""
+    t = engine.dialect.identifier_preparer.format_table(messages)
+    now = "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
+    # Every CTE sees the snapshot taken when the statement began, after the key
+    # locks: the acked rows still look like heads (hence "id <> ALL(:acks)"),
+    # and the successors made here look "waiting" to the claim of "ready".
+    sql = f"""
+WITH acked AS (
+    DELETE FROM {t} WHERE id = ANY(:acks)
+),
+successor AS MATERIALIZED (
+    SELECT w.id, w.queue_name, w.available_at
+    FROM unnest(CAST(:keys AS varchar[])) AS k(key)
+    CROSS JOIN LATERAL (
+        SELECT id, queue_name, available_at FROM {t}
+        WHERE ordering_key = k.key AND state = 'waiting'
+        ORDER BY ordering_seq, id
+        LIMIT 1
+    ) AS w
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {t} AS h
+        WHERE h.ordering_key = k.key AND h.state IN ('queued', 'consumed')
+            AND h.id <> ALL(:acks)
+    )
+),
+mine AS MATERIALIZED (
+    SELECT id, available_at FROM successor
+    WHERE queue_name = :queue AND available_at <= {now}
+),
+-- Only as many queued rows as "chosen" can take: each one is locked.
+ready AS MATERIALIZED (
+    SELECT id, available_at FROM {t}
+    WHERE queue_name = :queue AND state = 'queued' AND available_at <= {now}
+    ORDER BY available_at, id
+    LIMIT GREATEST(:reserve, :limit - (SELECT count(*) FROM mine))
+    FOR UPDATE SKIP LOCKED
+),
+-- Successors first (their consumer keeps draining their keys), except that
+-- the :reserve oldest queued rows compete with them by age: a claim never
+-- leaves the oldest queued rows behind hand-offs alone, so keys that stay
+-- busy cannot starve the rest of the queue.
+chosen AS MATERIALIZED (
+    SELECT id FROM (
+        SELECT id, available_at, 0 AS rank FROM mine
+        UNION ALL
+        SELECT id, available_at,
+            CASE WHEN row_number() OVER (ORDER BY available_at, id) <= :reserve THEN 0 ELSE 1 END
+        FROM ready
+    ) AS candidate
+    ORDER BY rank, available_at, id
+    LIMIT :limit
+),
+handed AS (
+    UPDATE {t} AS m SET
+        state = CASE WHEN m.id IN (SELECT id FROM chosen) THEN 'consumed' ELSE 'queued' END,
+        worker_id = CASE WHEN m.id IN (SELECT id FROM chosen) THEN CAST(:worker AS varchar) END,
+        consumed_at = CASE WHEN m.id IN (SELECT id FROM chosen) THEN {now} END
+    FROM successor AS s
+    WHERE m.id = s.id
+    RETURNING m.id, m.available_at, m.state, m.queue_name, m.data
+),
+claimed AS (
+    UPDATE {t} AS m SET state = 'consumed', worker_id = :worker, consumed_at = {now}
+    FROM ready AS r
+    WHERE m.id = r.id AND r.id IN (SELECT id FROM chosen)
+    RETURNING m.id, m.available_at, m.state, m.queue_name, m.data
+),
+notified AS (
+    SELECT queue_name, pg_notify(:channel, queue_name) FROM (
+        SELECT DISTINCT queue_name FROM handed WHERE state = 'queued'
+    ) AS released
+    WHERE :notify
+)
+SELECT id, available_at, state, queue_name, CASE WHEN state = 'consumed' THEN data END AS data
+FROM handed
+UNION ALL
+SELECT id, available_at, state, queue_name, data FROM claimed
+UNION ALL
+-- One row per queue woken by NOTIFY: a CTE runs only if it is read.
+SELECT NULL, NULL, 'notified', queue_name, NULL FROM notified
+"""
+    return sa.text(sql).bindparams(
+        sa.bindparam("acks", type_=pg_dialect.ARRAY(sa.BigInteger)),
+        sa.bindparam("keys", type_=pg_dialect.ARRAY(sa.String)),
+        sa.bindparam("queue", type_=sa.String),
+        sa.bindparam("limit", type_=sa.Integer),
+        sa.bindparam("reserve", type_=sa.Integer),
+        sa.bindparam("worker", type_=sa.String),
+        sa.bindparam("channel", type_=sa.String, value=channel),
+        sa.bindparam("notify", type_=sa.Boolean),
+    )
+
+
 class SqlOrdering:
     """The ordering-key statements and hooks of one broker (see the module docstring)."""
 
     def __init__(
-        self, engine: Engine, messages: sa.Table, statements: Statements, hub: Hub[Any], prefix: str
+        self,
+        engine: Engine,
+        messages: sa.Table,
+        statements: Statements,
+        hub: Hub[Any],
+        prefix: str,
+        channel: str,
     ) -> None:
         self.engine = engine
         self.postgres = engine.dialect.name == "postgresql"
@@ -143,6 +257,14 @@ class SqlOrdering:
         self._lock_one_async = sa.text(
             "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(:lock)"
         )
+        self._lock_many_async = sa.text(
+            "SELECT set_config('synchronous_commit', 'off', true), "
+            "(SELECT count(pg_advisory_xact_lock(k)) FROM "
+            "(SELECT unnest(CAST(:locks AS bigint[])) AS k ORDER BY 1) AS sorted)"
+        ).bindparams(sa.bindparam("locks", type_=pg_dialect.ARRAY(sa.BigInteger)))
+        self._hand_on = _hand_on_statement(engine, messages, channel) if self.postgres else None
+        if self.postgres:
+            hub.release_keyed = self.release_acked
 
     # -- locking and releasing ------------------------------------------------
 
@@ -192,16 +314,94 @@ class SqlOrdering:
         if queues:
             self.hub.notify_on(conn, sorted(set(queues)))
 
-    def ack(self, row_id: int, key: str | None) -> None:
-        """Record an ack: grouped by the hub when unkeyed, else deleted at once.
+    def ack(self, row_id: int, key: str | None, queue: str) -> bool:
+        """Record the ack of ``row_id``, claimed by a consumer of ``queue``.
 
-        A keyed row is deleted in a transaction of its own that hands its key
-        to the next message: the successor must not wait for a grouped flush.
+        Grouped by the hub, keyed or not, on PostgreSQL: the consumer's next
+        claim deletes the row and hands its key on (:meth:`hand_on`).  On
+        SQLite a keyed row is deleted at once in a transaction that hands its
+        key to the next message.  Returns whether the consumer should wake up
+        to flush (the first keyed ack pending for ``queue``).
         """
-        if key is None:
-            self.hub.add_ack(row_id)
-            return
+        if key is None or self.postgres:
+            return self.hub.add_ack(row_id, key, queue)
         self._locked_release(key, delete=row_id)
+        return False
+
+    def hand_on(
+        self,
+        conn: Connection | None,
+        acks: list[int],
+        keys: list[str],
+        *,
+        queue: str,
+        limit: int,
+        worker: str,
+    ) -> list[tuple[int, int, bytes]]:
+        """Delete acked rows, release their ``keys``, claim up to ``limit`` rows of ``queue``.
+
+        One transaction (PostgreSQL only): lock the keys, then one statement
+        deletes ``acks``, finds the next waiting row of each key left without
+        a head, and claims for ``worker`` up to ``limit`` of those successors
+        in ``queue`` and of its queued rows: successors first, except that
+        the oldest quarter of the queued rows competes with them by age.
+        Successors not claimed become ``queued``, and their queues are
+        notified.  So a key's next message usually needs neither a
+        transaction of its own nor a claim.
+
+        Args:
+            conn: The consumer's connection, in autocommit mode (the
+                transaction is opened on it explicitly), or ``None`` for a
+                pooled one.
+
+        Returns:
+            The claimed rows as ``(id, available_at, data)``.
+        """
+        assert self._hand_on is not None
+        params = {
+            "acks": acks,
+            "keys": keys,
+            "queue": queue,
+            "limit": limit,
+            "reserve": (limit + 3) // 4,
+            "worker": worker,
+            "notify": self.hub.notify,
+        }
+        locks = sorted(_lock_id(self.prefix, k) for k in keys)
+        if conn is None:
+            with transaction(self.engine) as pooled:
+                pooled.execute(self._lock_many_async, {"locks": locks})
+                rows = pooled.execute(self._hand_on, params).all()
+        else:
+            # BEGIN and the locks in one round trip: a simple query (sent
+            # without parameters; the lock ids are integers made here), on a
+            # connection whose autocommit mode leaves the transaction to us.
+            # The generic plan of the prepared statement: PostgreSQL may
+            # otherwise keep planning it anew (custom plans), 0.5 ms a batch.
+            lock_sql = (
+                "BEGIN; SELECT set_config('synchronous_commit', 'off', true), "
+                "set_config('plan_cache_mode', 'force_generic_plan', true), "
+                "count(pg_advisory_xact_lock(k)) FROM unnest("
+                f"CAST('{{{','.join(map(str, locks))}}}' AS bigint[])) AS k"
+            )
+            try:
+                conn.exec_driver_sql(lock_sql, execution_options={"no_parameters": True})
+                rows = conn.execute(self._hand_on, params).all()
+                conn.exec_driver_sql("COMMIT")
+            except BaseException:
+                if not conn.invalidated:
+                    # Else the connection is replaced at the consumer's next claim.
+                    with contextlib.suppress(sa.exc.DBAPIError):
+                        conn.exec_driver_sql("ROLLBACK")
+                raise
+        queued = sorted({row.queue_name for row in rows if row.state == "queued"})
+        if queued:
+            self.hub.announce(queued)  # NOTIFY went with the statement
+        return [(row.id, row.available_at, row.data) for row in rows if row.state == "consumed"]
+
+    def release_acked(self, acks: list[int], keys: list[str]) -> None:
+        """Delete acked rows and hand their ``keys`` on, claiming nothing (PostgreSQL)."""
+        self.hand_on(None, acks, sorted(set(keys)), queue="", limit=0, worker="")
 
     def dead_lettered(self, key: str) -> None:
         """Hand ``key`` on after its head became a dead letter."""

@@ -22,7 +22,8 @@ in each worker process; ``queues`` holds that consumer's one queue name):
 Life of a row: ``enqueue`` inserts it ``queued``; a consumer claims a batch
 with ``FOR UPDATE SKIP LOCKED`` (``consumed``, stamped with its worker id);
 ``ack`` deletes it (deletes are grouped: they are flushed with the consumer's
-next claim or within :data:`ACK_DELAY`); ``nack`` turns it into a ``dead``
+next claim or within :data:`ACK_DELAY`; on PostgreSQL that claim also hands
+the acked messages' ordering keys on); ``nack`` turns it into a ``dead``
 letter kept for ``dead_message_ttl``.  A row leaves only when acked, so a
 consumer that stops heartbeating for ``heartbeat_timeout`` has its rows handed
 out again by another consumer's maintenance pass.
@@ -177,7 +178,7 @@ class SqlBroker(dramatiq.Broker):
         )
         #: Ordering keys (``send_with_options(ordering_key=…)``); see ``_ordering.py``.
         self.ordering = SqlOrdering(
-            self.engine, self.messages, self.statements, self.hub, table_prefix
+            self.engine, self.messages, self.statements, self.hub, table_prefix, self.channel
         )
         self.maintenance = Maintenance(
             engine=self.engine,

@@ -7,13 +7,16 @@ where; ``BOTKIT_FAIL_RATE`` is the chance that an attempt raises.  The actor
 ``step(key, i)`` appends ``start``/``end``/``fail`` events to a log kept in
 the same backend, in the order the backend receives them, so the test can
 check that each key ran one message at a time, in enqueue order.  A key
-starting with ``dead`` always fails its message ``0``.
+starting with ``dead`` always fails its message ``0``.  ``BOTKIT_TASK_SLEEP``
+(seconds between ``start`` and ``end``) and ``BOTKIT_HEARTBEAT_TIMEOUT`` are
+for the crash tests.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import time
 
 import dramatiq
 
@@ -24,6 +27,7 @@ URL = os.environ["BOTKIT_BROKER_URL"]
 PREFIX = os.environ["BOTKIT_BROKER_PREFIX"]
 QUEUE = os.environ["BOTKIT_BROKER_QUEUE"]
 FAIL_RATE = float(os.environ.get("BOTKIT_FAIL_RATE", "0"))
+SLEEP = float(os.environ.get("BOTKIT_TASK_SLEEP", "0"))
 
 broker: dramatiq.Broker
 if KIND == "sql":
@@ -33,6 +37,7 @@ if KIND == "sql":
         URL,
         table_prefix=PREFIX,
         poll_interval=0.5,
+        heartbeat_timeout=float(os.environ.get("BOTKIT_HEARTBEAT_TIMEOUT", "60")),
         listen=os.environ.get("BOTKIT_PG_LISTEN", "1") != "0",
     )
 else:
@@ -61,6 +66,8 @@ def step(key: str, i: int) -> None:
     if (key.startswith("dead") and i == 0) or random.random() < FAIL_RATE:
         events.add(key, i, "fail")
         raise Planned(f"{key}/{i}")
+    if SLEEP:
+        time.sleep(SLEEP)
     events.add(key, i, "end")
 
 
