@@ -30,6 +30,7 @@ from dramatiq.logging import get_logger
 from dramatiq.message import Message
 from sqlalchemy.engine import Connection
 
+from ._adoption import adopt_orphans, dead_letter_rows
 from ._dberrors import closed, is_transient
 from ._hub import ACK_DELAY, chunks
 from ._schema import CONSUMED, DEAD, QUEUED
@@ -269,44 +270,7 @@ class SqlConsumer(Consumer):
         return True
 
     def _adopt(self, conn: Connection) -> None:
-        """Take over the in-flight rows of closed consumers of this queue in this process.
-
-        After a connection error Dramatiq restarts a consumer (a new worker id)
-        while the worker threads still run or hold the messages the old one
-        handed out; without this, the old id's heartbeat lapses and those
-        messages are handed out again while they run.
-        """
-        m = self.broker.messages
-        orphans = self.broker.hub.take_orphans(self.queue_name)
-        while orphans:
-            old = orphans[0]
-            with old._lock:
-                ids = old._unacked - old._abandoned
-            adopted: set[int] = set()
-            try:
-                for chunk in chunks(sorted(ids)):
-                    adopted.update(
-                        conn.execute(
-                            m.update()
-                            .where(m.c.id.in_(chunk), m.c.state == CONSUMED)
-                            .where(m.c.worker_id == old.worker_id)
-                            .values(worker_id=self.worker_id)
-                            .returning(m.c.id)
-                        )
-                        .scalars()
-                        .all()
-                    )
-            except BaseException:
-                for orphan in orphans:  # the next consumer tries again
-                    self.broker.hub.add_orphan(orphan)
-                raise
-            with old._lock:
-                # Acks that came through the old consumer meanwhile are excluded;
-                # later ones are forwarded by its _release.
-                with self._lock:
-                    self._unacked.update(old._unacked & adopted)
-                old._adopter = self
-            orphans.pop(0)
+        adopt_orphans(self, conn)
 
     def _schedule_poll(self, conn: Connection) -> None:
         """Poll again at the next due time of a delayed row, or after poll_interval."""
@@ -343,21 +307,10 @@ class SqlConsumer(Consumer):
             raise
 
     def _dead_letter_undecodable(self, bad: list[tuple[int, str]]) -> None:
-        m = self.broker.messages
         self.logger.error("Dead-lettering %d undecodable message(s): %s", len(bad), bad[0][1])
         conn = self._connection()
         with conn.begin():
-            conn.execute(
-                m.update()
-                .where(m.c.id == sa.bindparam("row_id"))
-                .values(
-                    state=DEAD,
-                    dead_at=self.broker.statements.now,
-                    worker_id=None,
-                    last_error=sa.bindparam("error"),
-                ),
-                [{"row_id": row_id, "error": error} for row_id, error in bad],
-            )
+            dead_letter_rows(self.broker, conn, bad)
         with self._lock:
             self._unacked.difference_update(row_id for row_id, _ in bad)
 
