@@ -18,10 +18,14 @@ import pytest
 import redis
 import sqlalchemy as sa
 from _celery_support import CeleryWorker, send_tasks, wait_until
+from celery import Celery
 from conftest import unique_name
 
 from botkit_tasks._sql import create_engine
+from botkit_tasks.monitor import inspect
+from botkit_tasks.runners import Job, JobSpec, Runner
 from botkit_tasks.runners.celery_store import JobStore, RedisJobStore, SqlJobStore, store_for_url
+from botkit_tasks.runners.select import runner_for
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -36,6 +40,13 @@ class Setup:
     key: str
     redis: redis.Redis
     env: dict[str, str]
+
+    @property
+    def app(self) -> Celery:
+        """A producer-side app on the test's broker (for ``monitor.inspect``)."""
+        app = Celery("inspecting", broker=self.url, set_as_current=False)
+        app.conf.broker_transport_options = self.options
+        return app
 
     @property
     def store(self) -> JobStore:
@@ -240,6 +251,7 @@ def test_a_job_killed_by_the_hard_time_limit_is_a_dead_letter_once(setup: Setup)
         # Then it is kept as a dead letter that names the time limit
         assert wait_until(lambda: setup.dead_letter(task_id) is not None, 30), worker.output()
         assert "TimeLimitExceeded" in str(setup.dead_letter(task_id))
+        assert [d.message_id for d in inspect(setup.app).dead_letters()] == [task_id]  # once
         # And the message was acked, not delivered again (nor retried)
         assert wait_until(lambda: setup.first_copy_acked(task_id), 10)
         time.sleep(4.0)  # several Redis visibility timeouts (1 s)
@@ -247,3 +259,66 @@ def test_a_job_killed_by_the_hard_time_limit_is_a_dead_letter_once(setup: Setup)
         assert setup.scheduled_due(task_id) is None
     finally:
         worker.stop()
+
+
+def _keyed_sender(setup: Setup) -> tuple[Celery, Runner]:
+    """A producer app with the test jobs declared, to send them with ordering keys."""
+    app = Celery("keyed-sender", broker=setup.url, set_as_current=False)
+    app.conf.broker_transport_options = setup.options
+    runner = runner_for(app)
+    for name in ("jobs.flaky", "jobs.hang"):
+        runner.declare(JobSpec(name=name, queue=setup.queue, body=_sent_only))
+    return app, runner
+
+
+def _sent_only(*args: object) -> None:
+    raise AssertionError("the workers run the jobs, not the sender")
+
+
+def test_a_keyed_job_killed_by_the_hard_time_limit_hands_its_key_on(setup: Setup) -> None:
+    # Given a keyed job that only the hard time limit stops, and its successor
+    app, runner = _keyed_sender(setup)
+    runner.enqueue(Job("jobs.hang", ("hang",), ordering_key="note"))
+    runner.enqueue(Job("jobs.flaky", ("ok", "next"), ordering_key="note"))
+    worker = setup.worker()
+    try:
+        # When the hard limit kills the first one (1.5 s), it is a dead letter
+        assert wait_until(lambda: len(inspect(app).dead_letters()) == 1, 30), worker.output()
+        (letter,) = inspect(app).dead_letters()
+        assert "TimeLimitExceeded" in (letter.traceback or "")
+        # Then its successor runs soon after, not after the stall timeout (1 h)
+        assert wait_until(lambda: len(setup.attempts("next")) == 1, 15), worker.output()
+        assert setup.attempts("next")[0] > setup.attempts("hang")[0] + 1.0
+        assert len(setup.attempts("hang")) == 1
+    finally:
+        worker.stop()
+        app.close()
+
+
+def test_a_requeued_keyed_dead_letter_runs_in_its_keys_order(setup: Setup) -> None:
+    # Given a keyed job that failed until it was dead, and its key's next job
+    app, runner = _keyed_sender(setup)
+    runner.enqueue(Job("jobs.flaky", ("sick", "create"), ordering_key="note"))
+    runner.enqueue(Job("jobs.flaky", ("ok", "update"), ordering_key="note"))
+    worker = setup.worker()
+    insp = inspect(app)
+    try:
+        assert wait_until(lambda: len(insp.dead_letters()) == 1, 30), worker.output()
+        assert wait_until(lambda: len(setup.attempts("update")) == 1, 15), worker.output()
+        assert len(setup.attempts("create")) == 3
+        # When the cause is fixed, the dead letter requeued, and the key's
+        # next job sent right after the requeue
+        setup.redis.set(f"{setup.key}:create:healed", 1)
+        (letter,) = insp.dead_letters()
+        assert insp.requeue([letter.message_id]) == 1
+        runner.enqueue(Job("jobs.flaky", ("ok", "delete"), ordering_key="note"))
+        # Then the requeued job runs once more, and the next one only after it
+        # ended (0.5 s: two pool processes would have overlapped them)
+        assert wait_until(lambda: len(setup.attempts("delete")) == 1, 15), worker.output()
+        done = [float(t) for t in setup.redis.lrange(f"{setup.key}:create:done", 0, -1)]
+        assert len(done) == 1 and len(setup.attempts("create")) == 4
+        assert setup.attempts("delete")[0] >= done[0]
+        assert insp.dead_letters() == []
+    finally:
+        worker.stop()
+        app.close()

@@ -30,6 +30,7 @@ from dramatiq.middleware import Retries
 from botkit_tasks.brokers import SqlBroker
 from botkit_tasks.brokers.ordering import OrderingKeys
 from botkit_tasks.kv import MemoryKvStore, RedisKvStore
+from botkit_tasks.monitor import inspect
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -259,6 +260,79 @@ def test_a_successor_is_claimed_in_enqueue_order_after_its_heads_ack(
         broker.join(setup.queue, timeout=5000)
     finally:
         consumer.close()
+
+
+def test_a_requeued_dead_letter_runs_again_in_its_keys_order(setup: Setup) -> None:
+    broker = setup.broker
+    queue = unique_name("q")
+    ran: list[str] = []
+    healed = threading.Event()
+
+    @dramatiq.actor(broker=broker, queue_name=queue, max_retries=0)
+    def apply(step: str) -> None:
+        if step == "create" and not healed.is_set():
+            raise RuntimeError("the remote server is down")
+        ran.append(step)
+
+    insp = inspect(broker)
+    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+    worker.start()
+    try:
+        # Given a key whose head died and whose successor then ran
+        apply.send_with_options(args=("create",), ordering_key="note")
+        apply.send_with_options(args=("update",), ordering_key="note")
+        assert wait_until(lambda: ran == ["update"], 10)
+        assert wait_until(lambda: len(insp.dead_letters(queue)) == 1, 10)
+        # When the cause is fixed and the dead letter is requeued, and the
+        # key's next message is sent after the requeue
+        healed.set()
+        (letter,) = insp.dead_letters(queue)
+        assert insp.requeue([letter.message_id]) == 1
+        apply.send_with_options(args=("delete",), ordering_key="note")
+        # Then the dead letter runs (it is not taken for a duplicate of a
+        # passed turn), once, before what was sent after its requeue
+        assert wait_until(lambda: len(ran) == 3, 10), ran
+        time.sleep(0.3)
+        assert ran == ["update", "create", "delete"]
+        assert insp.dead_letters(queue) == []
+    finally:
+        worker.stop()
+
+
+def test_a_requeued_dead_letter_takes_back_its_place_on_sql(sql_setup: Setup) -> None:
+    broker = sql_setup.broker
+    queue = unique_name("q")
+    ran: list[str] = []
+    healed, release_b, b_started = threading.Event(), threading.Event(), threading.Event()
+
+    @dramatiq.actor(broker=broker, queue_name=queue, max_retries=0)
+    def apply(step: str) -> None:
+        if step == "A" and not healed.is_set():
+            raise RuntimeError("the remote server is down")
+        if step == "B":
+            b_started.set()
+            release_b.wait(10)
+        ran.append(step)
+
+    insp = inspect(broker)
+    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+    worker.start()
+    try:
+        # Given A (it dies), B (it runs, held) and C (waiting behind B) of one key
+        for step in "ABC":
+            apply.send_with_options(args=(step,), ordering_key="note")
+        assert b_started.wait(10)
+        assert wait_until(lambda: len(insp.dead_letters(queue)) == 1, 10)
+        # When A is requeued while B still runs
+        healed.set()
+        assert insp.requeue([insp.dead_letters(queue)[0].message_id]) == 1
+        release_b.set()
+        # Then A runs after its key's head (B), before C, which was sent after it
+        assert wait_until(lambda: len(ran) == 3, 10), ran
+        assert ran == ["B", "A", "C"]
+    finally:
+        release_b.set()
+        worker.stop()
 
 
 @pytest.mark.parametrize(

@@ -28,12 +28,17 @@ from ._schema import Statements
 if TYPE_CHECKING:
     from ._wakeup import SqliteWakeups
 
-__all__ = ["ACK_DELAY", "Hub", "Waiter", "chunks"]
+__all__ = ["ACK_DELAY", "KEYED_ACK_DELAY", "Hub", "Waiter", "chunks"]
 
 #: Longest time (s) an ack waits to be grouped with others into one DELETE.
 ACK_DELAY = 0.005
 #: Seconds after which any consumer flushes keyed acks left by another queue's.
 KEYED_ACK_STALE = 0.05
+#: Seconds a consumer waits to flush its queue's keyed acks: shorter than
+#: :data:`ACK_DELAY`, because each holds its key's next message back (the
+#: flush is the claim that hands the key on), so the wait is paid once per
+#: message of a busy key, where an unkeyed ack's wait delays nothing.
+KEYED_ACK_DELAY = 0.001
 #: Most ids in one ``IN (...)`` list (SQLite caps bound parameters).
 _CHUNK = 5000
 
@@ -232,12 +237,13 @@ class Hub(Generic[W]):
 
     def flush_at(self, queue: str | None = None) -> float | None:
         """``time.monotonic()`` by which a consumer of ``queue`` must flush its
-        pending acks (within :data:`ACK_DELAY` of the oldest; other queues'
-        keyed acks after :data:`KEYED_ACK_STALE`), or ``None``."""
+        pending acks (within :data:`ACK_DELAY` of the oldest, its own queue's
+        keyed acks within :data:`KEYED_ACK_DELAY`, other queues' after
+        :data:`KEYED_ACK_STALE`), or ``None``."""
         with self.lock:
             mine = set(self._mine(queue, time.monotonic()))
             due = [
-                self._keyed_since[q] + (ACK_DELAY if q in mine else KEYED_ACK_STALE)
+                self._keyed_since[q] + (KEYED_ACK_DELAY if q in mine else KEYED_ACK_STALE)
                 for q in self._keyed
             ]
             if self._acks:

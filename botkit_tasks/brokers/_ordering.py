@@ -46,6 +46,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg.rows import namedtuple_row
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.engine import Connection, Engine
 
@@ -72,6 +73,18 @@ def ensure_ordering_schema(conn: Connection, messages: sa.Table) -> None:
     for index in messages.indexes:
         if index.name and index.name.endswith("_order_idx"):
             index.create(conn, checkfirst=True)
+
+
+#: The key locks of a pipelined hand-on (psycopg parameter style).  The plan
+#: settings go with them: an ack needs no durable commit (losing it reruns
+#: the message, and the release it made is lost with it), and the prepared
+#: hand-on statement keeps its generic plan (PostgreSQL may otherwise plan
+#: it anew each time, 0.5 ms a batch).
+_PIPELINED_LOCKS = (
+    "SELECT set_config('synchronous_commit', 'off', true), "
+    "set_config('plan_cache_mode', 'force_generic_plan', true), "
+    "count(pg_advisory_xact_lock(k)) FROM unnest(CAST(%(locks)s AS bigint[])) AS k"
+)
 
 
 def _lock_id(prefix: str, key: str) -> int:
@@ -189,6 +202,7 @@ class SqlOrdering:
         self.postgres = engine.dialect.name == "postgresql"
         self.hub = hub
         self.prefix = prefix
+        self.channel = channel
         m = messages
         now = statements.now
         o, w, h = m.alias("o"), m.alias("w"), m.alias("h")
@@ -263,6 +277,11 @@ class SqlOrdering:
             "(SELECT unnest(CAST(:locks AS bigint[])) AS k ORDER BY 1) AS sorted)"
         ).bindparams(sa.bindparam("locks", type_=pg_dialect.ARRAY(sa.BigInteger)))
         self._hand_on = _hand_on_statement(engine, messages, channel) if self.postgres else None
+        # The same statement in the driver's own parameter style, for the
+        # pipelined hand-on on a consumer's connection.
+        self._hand_on_sql = (
+            None if self._hand_on is None else str(self._hand_on.compile(dialect=engine.dialect))
+        )
         if self.postgres:
             hub.release_keyed = self.release_acked
 
@@ -373,31 +392,40 @@ class SqlOrdering:
                 pooled.execute(self._lock_many_async, {"locks": locks})
                 rows = pooled.execute(self._hand_on, params).all()
         else:
-            # BEGIN and the locks in one round trip: a simple query (sent
-            # without parameters; the lock ids are integers made here), on a
-            # connection whose autocommit mode leaves the transaction to us.
-            # The generic plan of the prepared statement: PostgreSQL may
-            # otherwise keep planning it anew (custom plans), 0.5 ms a batch.
-            lock_sql = (
-                "BEGIN; SELECT set_config('synchronous_commit', 'off', true), "
-                "set_config('plan_cache_mode', 'force_generic_plan', true), "
-                "count(pg_advisory_xact_lock(k)) FROM unnest("
-                f"CAST('{{{','.join(map(str, locks))}}}' AS bigint[])) AS k"
-            )
-            try:
-                conn.exec_driver_sql(lock_sql, execution_options={"no_parameters": True})
-                rows = conn.execute(self._hand_on, params).all()
-                conn.exec_driver_sql("COMMIT")
-            except BaseException:
-                if not conn.invalidated:
-                    # Else the connection is replaced at the consumer's next claim.
-                    with contextlib.suppress(sa.exc.DBAPIError):
-                        conn.exec_driver_sql("ROLLBACK")
-                raise
+            rows = self._hand_on_pipelined(conn, locks, params)
         queued = sorted({row.queue_name for row in rows if row.state == "queued"})
         if queued:
             self.hub.announce(queued)  # NOTIFY went with the statement
         return [(row.id, row.available_at, row.data) for row in rows if row.state == "consumed"]
+
+    def _hand_on_pipelined(
+        self, conn: Connection, locks: list[int], params: dict[str, Any]
+    ) -> list[Any]:
+        """BEGIN, the key locks, the hand-on statement and COMMIT in one round trip.
+
+        Four statements sent at once in psycopg's pipeline mode: the server
+        still runs them one after the other, so the hand-on statement's
+        snapshot is taken after the locks are held (the reason they are a
+        statement of their own), but the consumer waits for the server once
+        per batch instead of three times.
+        """
+        assert self._hand_on_sql is not None
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        try:
+            with raw.pipeline():
+                raw.execute("BEGIN")
+                raw.execute(_PIPELINED_LOCKS, {"locks": locks})
+                cursor = raw.cursor(row_factory=namedtuple_row)
+                cursor.execute(self._hand_on_sql, {**params, "channel": self.channel})
+                raw.execute("COMMIT")
+            return list(cursor.fetchall())
+        except BaseException:
+            if not conn.invalidated:
+                # Else the connection is replaced at the consumer's next claim.
+                with contextlib.suppress(Exception):
+                    raw.execute("ROLLBACK")
+            raise
 
     def release_acked(self, acks: list[int], keys: list[str]) -> None:
         """Delete acked rows and hand their ``keys`` on, claiming nothing (PostgreSQL)."""

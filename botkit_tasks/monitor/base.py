@@ -181,15 +181,21 @@ def from_ms(value: int | float | None) -> datetime | None:
 
 
 def requeue_copy(message: dramatiq.Message[Any]) -> dramatiq.Message[Any]:
-    """The message as a fresh first attempt on its canonical queue."""
+    """The message as a fresh first attempt on its canonical queue.
+
+    It keeps its ``ordering_key`` but not the number the ``OrderingKeys``
+    middleware gave it (that turn has passed): it is numbered anew, so it runs
+    after the messages of its key sent before the requeue.  ``SqlBroker``
+    numbers rows itself and puts a requeued one back in its old place.
+    """
     from dramatiq.common import q_name
 
-    options = {
-        k: v
-        for k, v in message.options.items()
+    dropped = (
         # A fresh attempt: no retry count, no old error, no delay, no broker-specific ids.
-        if k not in ("retries", "traceback", "eta", "requeue_timestamp", "redis_message_id")
-    }
+        "retries", "traceback", "eta", "requeue_timestamp", "redis_message_id",
+        "ordering_seq", "ordering_defers",
+    )  # fmt: skip
+    options = {k: v for k, v in message.options.items() if k not in dropped}
     options["retries"] = 0
     return dramatiq.Message(
         queue_name=q_name(message.queue_name),

@@ -201,16 +201,29 @@ class CeleryRedisInspector(Inspector):
                 continue
             job, _extra = self.store.decode(raw)
             try:
-                self.app.send_task(
-                    job.name, args=job.args, kwargs=job.kwargs, task_id=job.task_id,
-                    queue=job.queue, retries=0,
-                )  # fmt: skip
+                self._publish_again(job)
             except BaseException:
                 self.client.hset(self.store.dead_key, task_id, raw)  # keep it dead, not lost
                 raise
             self.client.zrem(self.store.died_key, task_id)
             count += 1
         return count
+
+    def _publish_again(self, job: CeleryJob) -> None:
+        """Publish a dead letter as a first attempt; a keyed one under a new number.
+
+        Its old turn has passed, so it takes the key's next number: it runs
+        after the jobs of its key sent before the requeue.
+        """
+        from ..runners.envelope import ordering_headers
+
+        seq = None
+        if job.ordering_key is not None and self.store.turns is not None:
+            seq = self.store.turns.number(job.ordering_key)
+        self.app.send_task(
+            job.name, args=job.args, kwargs=job.kwargs, task_id=job.task_id,
+            queue=job.queue, retries=0, headers=ordering_headers(job.ordering_key, seq),
+        )  # fmt: skip
 
     def purge_dead(self, queue: str | None = None) -> int:
         doomed = [job.task_id for job, _extra in self._dead() if queue in (None, job.queue)]

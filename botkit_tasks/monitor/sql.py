@@ -221,12 +221,12 @@ class SqlInspector(Inspector):
                     message = dramatiq.Message.decode(bytes(data))
                 except Exception:
                     continue  # nothing to run; left in place for purge_dead()
-                deleted = conn.execute(
-                    sa.delete(m).where(m.c.id == row_id, m.c.state == "dead")
-                ).rowcount
-                if deleted:
-                    self.broker.enqueue(requeue_copy(message))
-                    count += 1
+                # The copy first: while the dead row exists, a keyed copy
+                # inherits its place in its key's order (it runs after the
+                # key's current head, before what was sent after it).
+                self.broker.enqueue(requeue_copy(message))
+                conn.execute(sa.delete(m).where(m.c.id == row_id, m.c.state == "dead"))
+                count += 1
         return count
 
     def purge_dead(self, queue: str | None = None) -> int:

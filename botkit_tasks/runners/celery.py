@@ -27,11 +27,13 @@ declared here, beside the app's default queue.
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import threading
 import time
 import traceback
+import weakref
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -245,6 +247,11 @@ def _header(request: Any, name: str, kind: type[T]) -> T | None:
     value = getattr(request, name, None)
     if value is None:
         value = (getattr(request, "headers", None) or {}).get(name)
+    return _typed(value, kind)
+
+
+def _typed(value: object, kind: type[T]) -> T | None:
+    """``value`` if it is a ``kind`` (a ``bool`` is no ``int`` here), else ``None``."""
     if kind is int and isinstance(value, bool):
         return None
     return value if isinstance(value, kind) else None
@@ -259,20 +266,58 @@ def _hard_time_limit(
     **extra: Any,
 ) -> None:
     # Sent in the worker's main process when a pool process is killed for the
-    # hard time limit, before the message is acked: keep it as a dead letter.
+    # hard time limit (the message is acked, not retried): keep a dead letter.
     if not isinstance(exception, TimeLimitExceeded) or sender is None:
         return
     app = sender.app
     spec = getattr(app, "_botkit_specs", {}).get(sender.name)
     if spec is None or task_id is None:
         return
+    with _recorded_lock:
+        # Celery >= 5.7 sends task_failure twice for one hard time limit (from
+        # the pool's error callback and from the timeout handler): record once.
+        if task_id in _recorded:
+            return
+        _recorded[task_id] = None
+        while len(_recorded) > 1000:
+            _recorded.popitem(last=False)
+    request = _keyed_requests.pop(task_id, None)
+    headers: dict[str, Any] = getattr(request, "request_dict", None) or {}
+    key, seq, retries = (
+        _typed(headers.get(ORDERING_HEADER), str),
+        _typed(headers.get(ORDERING_SEQ_HEADER), int),
+        _typed(headers.get("retries"), int) or 0,
+    )
     einfo = extra.get("einfo")
     error = str(getattr(einfo, "traceback", "")) or f"TimeLimitExceeded: {exception}"
-    job = CeleryJob(spec.name, spec.queue, list(args or ()), dict(kwargs or {}), task_id, 0)
-    store_for(app).dead(job, error)
+    job = CeleryJob(
+        spec.name, spec.queue, list(args or ()), dict(kwargs or {}), task_id, retries, key, seq
+    )
+    store = store_for(app)
+    store.dead(job, error)
+    if store.turns is not None and key is not None and seq is not None:
+        # The killed process never finished its turn: dead, the key moves on.
+        store.turns.finish(key, seq, task_id, advance=True)
 
 
 signals.task_failure.connect(_hard_time_limit, weak=False)
+
+#: The task ids whose hard time limit was recorded lately (oldest first).
+_recorded: collections.OrderedDict[str, None] = collections.OrderedDict()
+_recorded_lock = threading.Lock()
+#: The requests for keyed tasks that this worker's main process holds, by task
+#: id, for as long as Celery holds them: the hard-time-limit handler needs their
+#: ordering headers, which ``task_failure`` does not carry.
+_keyed_requests: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def _remember_keyed(sender: Any = None, request: Any = None, **extra: Any) -> None:
+    headers = getattr(request, "request_dict", None)
+    if isinstance(headers, dict) and headers.get(ORDERING_HEADER) is not None:
+        _keyed_requests[request.id] = request
+
+
+signals.task_received.connect(_remember_keyed, weak=False)
 
 
 def _consume_declared_queues(

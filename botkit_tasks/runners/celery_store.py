@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+import sqlalchemy as sa
 from dramatiq.common import current_millis
 from dramatiq.message import Message
 
@@ -119,11 +120,33 @@ class SqlJobStore(JobStore):
         self.broker.enqueue(job.message(error), delay=max(int(delay * 1000), 1))
 
     def dead(self, job: CeleryJob, error: str) -> None:
+        """Insert a dead row; a keyed one keeps its key and its place in the key's order.
+
+        The place is the ``ordering_seq`` of the row being run (still there:
+        it is acked after this), so a requeue puts the job back after its
+        key's current head and before the jobs sent after it, as for a
+        Dramatiq ``SqlBroker`` dead letter.
+        """
         m, now = self.broker.messages, now_ms(self.broker.engine)
         message = job.message(error)
+        keyed: dict[str, Any] = {}
+        if job.ordering_key is not None:
+            running = m.alias("running")
+            keyed = {
+                "ordering_key": job.ordering_key,
+                "ordering_seq": sa.select(sa.func.min(running.c.ordering_seq))
+                .where(
+                    running.c.message_id == message.message_id,
+                    running.c.ordering_key == job.ordering_key,
+                )
+                .scalar_subquery(),
+            }
         with self.broker.engine.begin() as conn:
-            conn.execute(
-                m.insert().values(
+            row_id = conn.execute(
+                m.insert()
+                .returning(m.c.id)
+                .values(
+                    **keyed,
                     message_id=message.message_id,
                     queue_name=job.queue,
                     actor_name=job.name,
@@ -135,7 +158,15 @@ class SqlJobStore(JobStore):
                     last_error=error,
                     data=message.encode(),
                 )
-            )
+            ).scalar_one()
+            if keyed:
+                # No running row found (an id too long for the column): a place
+                # after every job of the key sent so far.
+                conn.execute(
+                    m.update()
+                    .where(m.c.id == row_id, m.c.ordering_seq.is_(None))
+                    .values(ordering_seq=m.c.id)
+                )
 
 
 # Moves due retries (and retries whose release lease lapsed) to "releasing"

@@ -46,6 +46,13 @@ def flaky(case: str, token: str) -> None:
         raise RetryLater("429 Too Many Requests", delay=1.0)
     if case == "long" and attempt == 1:
         raise RetryLater("503 Service Unavailable", delay=LONG_DELAY)
+    if case == "sick":
+        # Fails until the test sets {KEY}:{token}:healed; then takes 0.5 s and
+        # records when it ended in {KEY}:{token}:done.
+        if not _redis.exists(f"{KEY}:{token}:healed"):
+            raise RuntimeError(f"{token}: sick")
+        time.sleep(0.5)
+        _redis.rpush(f"{KEY}:{token}:done", time.time())
 
 
 flaky_task = declare_task(
