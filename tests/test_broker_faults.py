@@ -231,9 +231,17 @@ def test_undecodable_row_is_dead_lettered_and_others_flow(url: str, prefix: str)
         broker.close()
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
 def test_terminated_connections_recover_without_losing_messages(
-    pg_url: str, prefix: str, admin: sa.Engine, fast_restart: None
+    pg_url: str,
+    prefix: str,
+    admin: sa.Engine,
+    fast_restart: None,
+    keyed: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # keyed: 20 ordering keys, so that the cuts also hit the claims that hand
+    # keys on (one pipelined round trip on PostgreSQL).
     app = unique_name("botkit_fault_")
     broker = SqlBroker(
         with_app_name(pg_url, app),
@@ -243,6 +251,7 @@ def test_terminated_connections_recover_without_losing_messages(
     )
     queue = unique_name("q")
     runs: Counter[int] = Counter()
+    per_key: dict[int, list[int]] = {}
     lock = threading.Lock()
 
     @dramatiq.actor(broker=broker, queue_name=queue, max_retries=0)
@@ -250,6 +259,7 @@ def test_terminated_connections_recover_without_losing_messages(
         time.sleep(0.002)
         with lock:
             runs[x] += 1
+            per_key.setdefault(x % 20, []).append(x)
 
     def kill_backends() -> int:
         with admin.begin() as conn:
@@ -263,7 +273,14 @@ def test_terminated_connections_recover_without_losing_messages(
         return int(killed or 0)
 
     try:
-        broker.enqueue_many([work.message(i) for i in range(800)])
+        broker.enqueue_many(
+            [
+                work.message_with_options(args=(i,), ordering_key=f"k{i % 20}")
+                if keyed
+                else work.message(i)
+                for i in range(800)
+            ]
+        )
         worker = start_worker(broker)
         try:
             # When every connection of the worker is terminated, twice, mid-queue
@@ -276,6 +293,15 @@ def test_terminated_connections_recover_without_losing_messages(
         finally:
             worker.stop(timeout=10_000)
         assert set(runs) == set(range(800))
+        # The consumers saw lost connections, not unexpected errors
+        unexpected = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+        assert unexpected == [], unexpected[0].exc_text
+        if keyed:
+            # and per key the first runs came in enqueue order (a rerun of a
+            # message whose ack was lost comes before its successors)
+            for key, seen in per_key.items():
+                first = list(dict.fromkeys(seen))
+                assert first == sorted(first), (key, seen)
     finally:
         broker.drop_tables()
         broker.close()

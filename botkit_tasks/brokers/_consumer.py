@@ -32,8 +32,9 @@ from sqlalchemy.engine import Connection
 
 from ._adoption import adopt_orphans, dead_letter_rows
 from ._dberrors import closed, is_transient
+from ._deadletters import mark_dead
 from ._hub import ACK_DELAY, chunks
-from ._schema import CONSUMED, DEAD, QUEUED
+from ._schema import CONSUMED, QUEUED
 
 if TYPE_CHECKING:
     from ._host import ConsumerHost
@@ -100,6 +101,7 @@ class SqlConsumer(Consumer):
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             if self._conn is not None:
                 self._conn.close()
+                self._conn = None  # if connecting fails, nothing is left to close
             conn = self.broker.engine.connect()
             if self.broker.is_postgres:
                 # Claims and acks need no durable commit: a claim or an ack lost
@@ -108,10 +110,15 @@ class SqlConsumer(Consumer):
                 # use other (pooled) connections.  Autocommit makes each claim
                 # one round trip; the connection is discarded on close so these
                 # settings never reach the pool.
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                if self.broker.listen:  # a session setting: not behind a transaction pooler
-                    conn.exec_driver_sql("SET synchronous_commit TO off")
-                conn.commit()  # ends SQLAlchemy's autobegun (no-op) transaction
+                try:
+                    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                    if self.broker.listen:  # a session setting: not behind a transaction pooler
+                        conn.exec_driver_sql("SET synchronous_commit TO off")
+                    conn.commit()  # ends SQLAlchemy's autobegun (no-op) transaction
+                except BaseException:
+                    conn.invalidate()  # (a pooled connection the server had closed)
+                    conn.close()
+                    raise
             self._conn = conn
         return self._conn
 
@@ -349,24 +356,9 @@ class SqlConsumer(Consumer):
         row_id = getattr(message, "row_id", None)
         if row_id is None:
             return
-        m = self.broker.messages
         options = message.options
-        retries = options.get("retries", 0)
-        traceback = options.get("traceback")
         try:
-            with self.broker.engine.begin() as conn:
-                conn.execute(
-                    m.update()
-                    .where(m.c.id == row_id)
-                    .values(
-                        state=DEAD,
-                        dead_at=self.broker.statements.now,
-                        worker_id=None,
-                        data=message._message.encode(),
-                        retries=retries if isinstance(retries, int) else 0,
-                        last_error=traceback if isinstance(traceback, str) else None,
-                    )
-                )
+            mark_dead(self.broker, row_id, message._message)
         except sa.exc.DBAPIError as exc:
             if is_transient(self.broker.engine, exc):
                 raise closed(exc) from exc
@@ -442,7 +434,7 @@ class SqlConsumer(Consumer):
             self.logger.warning("Could not close consumer of %r cleanly: %s", self.queue_name, exc)
         finally:
             if self._conn is not None:
-                if self.broker.is_postgres and not self._conn.invalidated:
+                if self.broker.is_postgres and not (self._conn.invalidated or self._conn.closed):
                     self._conn.invalidate()
                 self._conn.close()
                 self._conn = None

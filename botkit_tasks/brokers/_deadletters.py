@@ -8,7 +8,7 @@ broker's ``dead_message_ttl`` has passed.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dramatiq
 import sqlalchemy as sa
@@ -21,7 +21,29 @@ from ._hub import Hub
 from ._ordering import SqlOrdering
 from ._schema import DEAD, QUEUED, Statements
 
-__all__ = ["dead_letters", "requeue_dead"]
+if TYPE_CHECKING:
+    from ._host import ConsumerHost
+
+__all__ = ["dead_letters", "mark_dead", "requeue_dead"]
+
+
+def mark_dead(broker: ConsumerHost, row_id: int, message: Message[Any]) -> None:
+    """Turn the claimed row ``row_id`` into a dead letter of ``message`` (its final options)."""
+    m = broker.messages
+    retries, traceback = message.options.get("retries", 0), message.options.get("traceback")
+    with broker.engine.begin() as conn:
+        conn.execute(
+            m.update()
+            .where(m.c.id == row_id)
+            .values(
+                state=DEAD,
+                dead_at=broker.statements.now,
+                worker_id=None,
+                data=message.encode(),
+                retries=retries if isinstance(retries, int) else 0,
+                last_error=traceback if isinstance(traceback, str) else None,
+            )
+        )
 
 
 def dead_letters(engine: Engine, messages: sa.Table, queue_name: str) -> list[Message[Any]]:

@@ -34,11 +34,12 @@ __all__ = ["ACK_DELAY", "KEYED_ACK_DELAY", "Hub", "Waiter", "chunks"]
 ACK_DELAY = 0.005
 #: Seconds after which any consumer flushes keyed acks left by another queue's.
 KEYED_ACK_STALE = 0.05
-#: Seconds a consumer waits to flush its queue's keyed acks: shorter than
-#: :data:`ACK_DELAY`, because each holds its key's next message back (the
-#: flush is the claim that hands the key on), so the wait is paid once per
-#: message of a busy key, where an unkeyed ack's wait delays nothing.
-KEYED_ACK_DELAY = 0.001
+#: Seconds a consumer waits to flush its queue's keyed acks: none, where an
+#: unkeyed ack waits :data:`ACK_DELAY`, because each holds its key's next
+#: message back (the flush is the claim that hands the key on), so a wait
+#: would be paid once per message of a busy key.  Under load they group
+#: anyway: the acks made while a claim runs go with the next one.
+KEYED_ACK_DELAY = 0.0
 #: Most ids in one ``IN (...)`` list (SQLite caps bound parameters).
 _CHUNK = 5000
 

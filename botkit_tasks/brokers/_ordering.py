@@ -40,18 +40,17 @@ release, an undecodable head), so no key stays stuck.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from psycopg.rows import namedtuple_row
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.engine import Connection, Engine
 
 from .._sql import transaction
 from ._dberrors import closed, is_transient
+from ._handon import hand_on_statement, run_pipelined
 from ._hub import Hub
 from ._schema import CONSUMED, QUEUED, WAITING, Statements
 
@@ -75,115 +74,9 @@ def ensure_ordering_schema(conn: Connection, messages: sa.Table) -> None:
             index.create(conn, checkfirst=True)
 
 
-#: The key locks of a pipelined hand-on (psycopg parameter style).  The plan
-#: settings go with them: an ack needs no durable commit (losing it reruns
-#: the message, and the release it made is lost with it), and the prepared
-#: hand-on statement keeps its generic plan (PostgreSQL may otherwise plan
-#: it anew each time, 0.5 ms a batch).
-_PIPELINED_LOCKS = (
-    "SELECT set_config('synchronous_commit', 'off', true), "
-    "set_config('plan_cache_mode', 'force_generic_plan', true), "
-    "count(pg_advisory_xact_lock(k)) FROM unnest(CAST(%(locks)s AS bigint[])) AS k"
-)
-
-
 def _lock_id(prefix: str, key: str) -> int:
     digest = hashlib.sha1(f"{prefix}\x00{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def _hand_on_statement(engine: Engine, messages: sa.Table, channel: str) -> sa.TextClause:
-    """Ack, release and claim in one statement (PostgreSQL; see ``SqlOrdering.hand_on``)."""
-    t = engine.dialect.identifier_preparer.format_table(messages)
-    now = "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
-    # Every CTE sees the snapshot taken when the statement began, after the key
-    # locks: the acked rows still look like heads (hence "id <> ALL(:acks)"),
-    # and the successors made here look "waiting" to the claim of "ready".
-    sql = f"""
-WITH acked AS (
-    DELETE FROM {t} WHERE id = ANY(:acks)
-),
-successor AS MATERIALIZED (
-    SELECT w.id, w.queue_name, w.available_at
-    FROM unnest(CAST(:keys AS varchar[])) AS k(key)
-    CROSS JOIN LATERAL (
-        SELECT id, queue_name, available_at FROM {t}
-        WHERE ordering_key = k.key AND state = 'waiting'
-        ORDER BY ordering_seq, id
-        LIMIT 1
-    ) AS w
-    WHERE NOT EXISTS (
-        SELECT 1 FROM {t} AS h
-        WHERE h.ordering_key = k.key AND h.state IN ('queued', 'consumed')
-            AND h.id <> ALL(:acks)
-    )
-),
-mine AS MATERIALIZED (
-    SELECT id, available_at FROM successor
-    WHERE queue_name = :queue AND available_at <= {now}
-),
--- Only as many queued rows as "chosen" can take: each one is locked.
-ready AS MATERIALIZED (
-    SELECT id, available_at FROM {t}
-    WHERE queue_name = :queue AND state = 'queued' AND available_at <= {now}
-    ORDER BY available_at, id
-    LIMIT GREATEST(:reserve, :limit - (SELECT count(*) FROM mine))
-    FOR UPDATE SKIP LOCKED
-),
--- Successors first (their consumer keeps draining their keys), except that
--- the :reserve oldest queued rows compete with them by age: a claim never
--- leaves the oldest queued rows behind hand-offs alone, so keys that stay
--- busy cannot starve the rest of the queue.
-chosen AS MATERIALIZED (
-    SELECT id FROM (
-        SELECT id, available_at, 0 AS rank FROM mine
-        UNION ALL
-        SELECT id, available_at,
-            CASE WHEN row_number() OVER (ORDER BY available_at, id) <= :reserve THEN 0 ELSE 1 END
-        FROM ready
-    ) AS candidate
-    ORDER BY rank, available_at, id
-    LIMIT :limit
-),
-handed AS (
-    UPDATE {t} AS m SET
-        state = CASE WHEN m.id IN (SELECT id FROM chosen) THEN 'consumed' ELSE 'queued' END,
-        worker_id = CASE WHEN m.id IN (SELECT id FROM chosen) THEN CAST(:worker AS varchar) END,
-        consumed_at = CASE WHEN m.id IN (SELECT id FROM chosen) THEN {now} END
-    FROM successor AS s
-    WHERE m.id = s.id
-    RETURNING m.id, m.available_at, m.state, m.queue_name, m.data
-),
-claimed AS (
-    UPDATE {t} AS m SET state = 'consumed', worker_id = :worker, consumed_at = {now}
-    FROM ready AS r
-    WHERE m.id = r.id AND r.id IN (SELECT id FROM chosen)
-    RETURNING m.id, m.available_at, m.state, m.queue_name, m.data
-),
-notified AS (
-    SELECT queue_name, pg_notify(:channel, queue_name) FROM (
-        SELECT DISTINCT queue_name FROM handed WHERE state = 'queued'
-    ) AS released
-    WHERE :notify
-)
-SELECT id, available_at, state, queue_name, CASE WHEN state = 'consumed' THEN data END AS data
-FROM handed
-UNION ALL
-SELECT id, available_at, state, queue_name, data FROM claimed
-UNION ALL
--- One row per queue woken by NOTIFY: a CTE runs only if it is read.
-SELECT NULL, NULL, 'notified', queue_name, NULL FROM notified
-"""
-    return sa.text(sql).bindparams(
-        sa.bindparam("acks", type_=pg_dialect.ARRAY(sa.BigInteger)),
-        sa.bindparam("keys", type_=pg_dialect.ARRAY(sa.String)),
-        sa.bindparam("queue", type_=sa.String),
-        sa.bindparam("limit", type_=sa.Integer),
-        sa.bindparam("reserve", type_=sa.Integer),
-        sa.bindparam("worker", type_=sa.String),
-        sa.bindparam("channel", type_=sa.String, value=channel),
-        sa.bindparam("notify", type_=sa.Boolean),
-    )
 
 
 class SqlOrdering:
@@ -276,11 +169,11 @@ class SqlOrdering:
             "(SELECT count(pg_advisory_xact_lock(k)) FROM "
             "(SELECT unnest(CAST(:locks AS bigint[])) AS k ORDER BY 1) AS sorted)"
         ).bindparams(sa.bindparam("locks", type_=pg_dialect.ARRAY(sa.BigInteger)))
-        self._hand_on = _hand_on_statement(engine, messages, channel) if self.postgres else None
+        self._hand_on = hand_on_statement(engine, messages, channel) if self.postgres else None
         # The same statement in the driver's own parameter style, for the
         # pipelined hand-on on a consumer's connection.
         self._hand_on_sql = (
-            None if self._hand_on is None else str(self._hand_on.compile(dialect=engine.dialect))
+            "" if self._hand_on is None else str(self._hand_on.compile(dialect=engine.dialect))
         )
         if self.postgres:
             hub.release_keyed = self.release_acked
@@ -392,40 +285,13 @@ class SqlOrdering:
                 pooled.execute(self._lock_many_async, {"locks": locks})
                 rows = pooled.execute(self._hand_on, params).all()
         else:
-            rows = self._hand_on_pipelined(conn, locks, params)
+            rows = run_pipelined(
+                conn, self._hand_on_sql, locks, {**params, "channel": self.channel}
+            )
         queued = sorted({row.queue_name for row in rows if row.state == "queued"})
         if queued:
             self.hub.announce(queued)  # NOTIFY went with the statement
         return [(row.id, row.available_at, row.data) for row in rows if row.state == "consumed"]
-
-    def _hand_on_pipelined(
-        self, conn: Connection, locks: list[int], params: dict[str, Any]
-    ) -> list[Any]:
-        """BEGIN, the key locks, the hand-on statement and COMMIT in one round trip.
-
-        Four statements sent at once in psycopg's pipeline mode: the server
-        still runs them one after the other, so the hand-on statement's
-        snapshot is taken after the locks are held (the reason they are a
-        statement of their own), but the consumer waits for the server once
-        per batch instead of three times.
-        """
-        assert self._hand_on_sql is not None
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
-        try:
-            with raw.pipeline():
-                raw.execute("BEGIN")
-                raw.execute(_PIPELINED_LOCKS, {"locks": locks})
-                cursor = raw.cursor(row_factory=namedtuple_row)
-                cursor.execute(self._hand_on_sql, {**params, "channel": self.channel})
-                raw.execute("COMMIT")
-            return list(cursor.fetchall())
-        except BaseException:
-            if not conn.invalidated:
-                # Else the connection is replaced at the consumer's next claim.
-                with contextlib.suppress(Exception):
-                    raw.execute("ROLLBACK")
-            raise
 
     def release_acked(self, acks: list[int], keys: list[str]) -> None:
         """Delete acked rows and hand their ``keys`` on, claiming nothing (PostgreSQL)."""
