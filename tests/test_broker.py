@@ -237,7 +237,9 @@ def test_retries_with_backoff_and_explicit_retry_delay(backend: Backend) -> None
 
 
 def test_delayed_message_runs_after_its_eta_and_not_before(backend: Backend) -> None:
-    broker = backend.make_broker()
+    # SqlBroker polls only every 30 s here: only its timer for the ETA can run
+    # the message within the bound below, however loaded the machine is.
+    broker = backend.make_broker(poll_interval=30) if backend.is_sql else backend.make_broker()
     queue = unique_name("q")
     ran_at: list[float] = []
 
@@ -255,7 +257,7 @@ def test_delayed_message_runs_after_its_eta_and_not_before(backend: Backend) -> 
     elapsed = ran_at[1] - sent
     assert elapsed >= 0.5
     # SqlBroker sets a timer for the ETA; RedisBroker polls with backoff.
-    assert elapsed < (0.8 if backend.is_sql else 2.0), elapsed
+    assert elapsed < 2.0, elapsed
 
 
 def test_dead_letters_keep_the_traceback_and_can_be_requeued(backend: Backend) -> None:
