@@ -182,3 +182,16 @@ class RedisEventLog:
 
 def make_event_log(kind: str, url: str, prefix: str) -> Any:
     return SqlEventLog(url, prefix) if kind == "sql" else RedisEventLog(url, prefix)
+
+
+@contextmanager
+def running_worker(broker: Any, threads: int = 4) -> Iterator[Any]:
+    """An in-process ``dramatiq.Worker`` on ``broker``, stopped on the way out."""
+    import dramatiq
+
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop(timeout=10_000)

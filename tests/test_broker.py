@@ -12,14 +12,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
 import pytest
 import sqlalchemy as sa
-from _broker_support import dramatiq_cli, make_counter, wait_until
+from _broker_support import dramatiq_cli, make_counter, running_worker, wait_until
 from conftest import unique_name
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
@@ -130,16 +129,6 @@ def sql_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """SqlBroker only, for what RedisBroker does not offer (enqueue_many,
     transactions, a dead-letter TTL in seconds)."""
     yield from _backend(request)
-
-
-@contextmanager
-def running_worker(broker: Any, threads: int = 4) -> Iterator[dramatiq.Worker]:
-    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
-    worker.start()
-    try:
-        yield worker
-    finally:
-        worker.stop(timeout=10_000)
 
 
 class Recorder(Middleware):

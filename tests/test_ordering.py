@@ -20,7 +20,7 @@ from typing import Any
 import dramatiq
 import pytest
 import sqlalchemy as sa
-from _broker_support import dramatiq_cli, make_event_log, wait_until
+from _broker_support import dramatiq_cli, make_event_log, running_worker, wait_until
 from conftest import unique_name
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
@@ -262,6 +262,29 @@ def test_a_successor_is_claimed_in_enqueue_order_after_its_heads_ack(
         consumer.close()
 
 
+def test_a_keyed_ack_flushed_outside_a_claim_hands_its_key_on(sql_setup: Setup) -> None:
+    setup = sql_setup
+    broker = setup.broker
+    m = broker.messages
+    # Given A1 claimed and acked by a consumer that then claims nothing more
+    broker.enqueue(setup.message("step", "A", 1))
+    broker.enqueue(setup.message("step", "A", 2))
+    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    try:
+        first = next(consumer)
+        assert first is not None and first.args == ("A", 1)
+        consumer.ack(first)
+        # When its acks are flushed in a transaction of their own (as join()
+        # and a closing consumer do; on PostgreSQL not through a claim)
+        broker.hub.flush_acks_now()
+        # Then A1 is gone and A2, its key's next message, is queued
+        with broker.engine.connect() as conn:
+            rows = conn.execute(sa.select(m.c.data, m.c.state).order_by(m.c.id)).all()
+        assert [(Message.decode(bytes(d)).args[1], state) for d, state in rows] == [(2, "queued")]
+    finally:
+        consumer.close()
+
+
 def test_a_requeued_dead_letter_runs_again_in_its_keys_order(setup: Setup) -> None:
     broker = setup.broker
     queue = unique_name("q")
@@ -275,9 +298,7 @@ def test_a_requeued_dead_letter_runs_again_in_its_keys_order(setup: Setup) -> No
         ran.append(step)
 
     insp = inspect(broker)
-    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
-    worker.start()
-    try:
+    with running_worker(broker):
         # Given a key whose head died and whose successor then ran
         apply.send_with_options(args=("create",), ordering_key="note")
         apply.send_with_options(args=("update",), ordering_key="note")
@@ -295,8 +316,6 @@ def test_a_requeued_dead_letter_runs_again_in_its_keys_order(setup: Setup) -> No
         time.sleep(0.3)
         assert ran == ["update", "create", "delete"]
         assert insp.dead_letters(queue) == []
-    finally:
-        worker.stop()
 
 
 def test_a_requeued_dead_letter_takes_back_its_place_on_sql(sql_setup: Setup) -> None:
@@ -315,24 +334,22 @@ def test_a_requeued_dead_letter_takes_back_its_place_on_sql(sql_setup: Setup) ->
         ran.append(step)
 
     insp = inspect(broker)
-    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
-    worker.start()
-    try:
-        # Given A (it dies), B (it runs, held) and C (waiting behind B) of one key
-        for step in "ABC":
-            apply.send_with_options(args=(step,), ordering_key="note")
-        assert b_started.wait(10)
-        assert wait_until(lambda: len(insp.dead_letters(queue)) == 1, 10)
-        # When A is requeued while B still runs
-        healed.set()
-        assert insp.requeue([insp.dead_letters(queue)[0].message_id]) == 1
-        release_b.set()
-        # Then A runs after its key's head (B), before C, which was sent after it
-        assert wait_until(lambda: len(ran) == 3, 10), ran
-        assert ran == ["B", "A", "C"]
-    finally:
-        release_b.set()
-        worker.stop()
+    with running_worker(broker):
+        try:
+            # Given A (it dies), B (it runs, held) and C (waiting behind B) of one key
+            for step in "ABC":
+                apply.send_with_options(args=(step,), ordering_key="note")
+            assert b_started.wait(10)
+            assert wait_until(lambda: len(insp.dead_letters(queue)) == 1, 10)
+            # When A is requeued while B still runs
+            healed.set()
+            assert insp.requeue([insp.dead_letters(queue)[0].message_id]) == 1
+            release_b.set()
+            # Then A runs after its key's head (B), before C, which was sent after it
+            assert wait_until(lambda: len(ran) == 3, 10), ran
+            assert ran == ["B", "A", "C"]
+        finally:
+            release_b.set()  # so that the worker can stop
 
 
 @pytest.mark.parametrize(

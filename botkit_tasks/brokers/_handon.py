@@ -1,9 +1,11 @@
 """The PostgreSQL hand-on of ordering keys: ack, release and claim in one statement.
 
 ``SqlOrdering.hand_on`` runs it when a consumer's next claim carries keyed
-acks (see ``_ordering.py``).  :func:`hand_on_statement` builds the statement;
-:func:`run_pipelined` sends ``BEGIN``, the key locks, the statement and
-``COMMIT`` to the server in one round trip, on a consumer's own connection.
+acks (see ``_ordering.py``).  :func:`hand_on_sql` builds the statement and
+:data:`LOCKS_SQL` takes the key locks before it, both in the driver's own
+parameter style; :func:`run_pipelined` sends ``BEGIN``, the locks, the
+statement and ``COMMIT`` to the server in one round trip, on a consumer's own
+connection.
 """
 
 from __future__ import annotations
@@ -16,22 +18,26 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["hand_on_statement", "run_pipelined"]
+__all__ = ["LOCKS_SQL", "hand_on_sql", "run_pipelined"]
 
-#: The key locks of a pipelined hand-on (psycopg parameter style).  The plan
-#: settings go with them: an ack needs no durable commit (losing it reruns
+#: The key locks of a hand-on, sorted by the caller (psycopg parameter style).
+#: The plan settings go with them: an ack needs no durable commit (losing it reruns
 #: the message, and the release it made is lost with it), and the prepared
 #: hand-on statement keeps its generic plan (PostgreSQL may otherwise plan
 #: it anew each time, 0.5 ms a batch).
-_PIPELINED_LOCKS = (
+LOCKS_SQL = (
     "SELECT set_config('synchronous_commit', 'off', true), "
     "set_config('plan_cache_mode', 'force_generic_plan', true), "
     "count(pg_advisory_xact_lock(k)) FROM unnest(CAST(%(locks)s AS bigint[])) AS k"
 )
 
 
-def hand_on_statement(engine: Engine, messages: sa.Table, channel: str) -> sa.TextClause:
-    """Ack, release and claim in one statement (PostgreSQL; see ``SqlOrdering.hand_on``)."""
+def hand_on_sql(engine: Engine, messages: sa.Table) -> str:
+    """Ack, release and claim in one statement (PostgreSQL; see ``SqlOrdering.hand_on``).
+
+    Compiled for ``engine``'s driver; its parameters are ``acks``, ``keys``,
+    ``queue``, ``limit``, ``reserve``, ``worker``, ``channel`` and ``notify``.
+    """
     t = engine.dialect.identifier_preparer.format_table(messages)
     now = "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
     # Every CTE sees the snapshot taken when the statement began, after the key
@@ -112,16 +118,17 @@ UNION ALL
 -- One row per queue woken by NOTIFY: a CTE runs only if it is read.
 SELECT NULL, NULL, 'notified', queue_name, NULL FROM notified
 """
-    return sa.text(sql).bindparams(
+    statement = sa.text(sql).bindparams(
         sa.bindparam("acks", type_=pg_dialect.ARRAY(sa.BigInteger)),
         sa.bindparam("keys", type_=pg_dialect.ARRAY(sa.String)),
         sa.bindparam("queue", type_=sa.String),
         sa.bindparam("limit", type_=sa.Integer),
         sa.bindparam("reserve", type_=sa.Integer),
         sa.bindparam("worker", type_=sa.String),
-        sa.bindparam("channel", type_=sa.String, value=channel),
+        sa.bindparam("channel", type_=sa.String),
         sa.bindparam("notify", type_=sa.Boolean),
     )
+    return str(statement.compile(dialect=engine.dialect))
 
 
 def run_pipelined(
@@ -143,7 +150,7 @@ def run_pipelined(
     try:
         with raw.pipeline():
             raw.execute("BEGIN")
-            raw.execute(_PIPELINED_LOCKS, {"locks": locks})
+            raw.execute(LOCKS_SQL, {"locks": locks})
             cursor = raw.cursor(row_factory=namedtuple_row)
             cursor.execute(sql, params)
             raw.execute("COMMIT")

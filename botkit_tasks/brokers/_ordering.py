@@ -50,11 +50,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from .._sql import transaction
 from ._dberrors import closed, is_transient
-from ._handon import hand_on_statement, run_pipelined
+from ._handon import LOCKS_SQL, hand_on_sql, run_pipelined
 from ._hub import Hub
 from ._schema import CONSUMED, QUEUED, WAITING, Statements
 
-__all__ = ["SqlOrdering", "ensure_ordering_schema"]
+__all__ = ["SqlOrdering", "ensure_ordering_schema", "first_delivery_seq"]
 
 
 def ensure_ordering_schema(conn: Connection, messages: sa.Table) -> None:
@@ -79,6 +79,17 @@ def _lock_id(prefix: str, key: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def first_delivery_seq(messages: sa.Table, message_id: Any, key: Any) -> Any:
+    """The ``ordering_seq`` of message ``message_id``'s rows under ``key`` (a scalar
+    subquery; ``NULL`` when it has none): the place a new row of it inherits."""
+    o = messages.alias("o")
+    return (
+        sa.select(sa.func.min(o.c.ordering_seq))
+        .where(o.c.message_id == message_id, o.c.ordering_key == key)
+        .scalar_subquery()
+    )
+
+
 class SqlOrdering:
     """The ordering-key statements and hooks of one broker (see the module docstring)."""
 
@@ -98,15 +109,8 @@ class SqlOrdering:
         self.channel = channel
         m = messages
         now = statements.now
-        o, w, h = m.alias("o"), m.alias("w"), m.alias("h")
-        first_seq = (
-            sa.select(sa.func.min(o.c.ordering_seq))
-            .where(
-                o.c.message_id == sa.bindparam("seq_message_id"),
-                o.c.ordering_key == sa.bindparam("seq_key"),
-            )
-            .scalar_subquery()
-        )
+        w, h = m.alias("w"), m.alias("h")
+        first_seq = first_delivery_seq(m, sa.bindparam("seq_message_id"), sa.bindparam("seq_key"))
         self._insert = m.insert().values(
             available_at=now + sa.bindparam("delay_ms", type_=sa.BigInteger),
             enqueued_at=now,
@@ -164,17 +168,7 @@ class SqlOrdering:
         self._lock_one_async = sa.text(
             "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(:lock)"
         )
-        self._lock_many_async = sa.text(
-            "SELECT set_config('synchronous_commit', 'off', true), "
-            "(SELECT count(pg_advisory_xact_lock(k)) FROM "
-            "(SELECT unnest(CAST(:locks AS bigint[])) AS k ORDER BY 1) AS sorted)"
-        ).bindparams(sa.bindparam("locks", type_=pg_dialect.ARRAY(sa.BigInteger)))
-        self._hand_on = hand_on_statement(engine, messages, channel) if self.postgres else None
-        # The same statement in the driver's own parameter style, for the
-        # pipelined hand-on on a consumer's connection.
-        self._hand_on_sql = (
-            "" if self._hand_on is None else str(self._hand_on.compile(dialect=engine.dialect))
-        )
+        self._hand_on = hand_on_sql(engine, messages) if self.postgres else None
         if self.postgres:
             hub.release_keyed = self.release_acked
 
@@ -277,17 +271,17 @@ class SqlOrdering:
             "limit": limit,
             "reserve": (limit + 3) // 4,
             "worker": worker,
+            "channel": self.channel,
             "notify": self.hub.notify,
         }
         locks = sorted(_lock_id(self.prefix, k) for k in keys)
+        rows: Sequence[Any]
         if conn is None:
             with transaction(self.engine) as pooled:
-                pooled.execute(self._lock_many_async, {"locks": locks})
-                rows = pooled.execute(self._hand_on, params).all()
+                pooled.exec_driver_sql(LOCKS_SQL, {"locks": locks})
+                rows = pooled.exec_driver_sql(self._hand_on, params).all()
         else:
-            rows = run_pipelined(
-                conn, self._hand_on_sql, locks, {**params, "channel": self.channel}
-            )
+            rows = run_pipelined(conn, self._hand_on, locks, params)
         queued = sorted({row.queue_name for row in rows if row.state == "queued"})
         if queued:
             self.hub.announce(queued)  # NOTIFY went with the statement

@@ -30,10 +30,10 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-import sqlalchemy as sa
 from dramatiq.common import current_millis
 from dramatiq.message import Message
 
+from ..brokers._ordering import first_delivery_seq
 from ..brokers._schema import now_ms
 from ..brokers.ordering import KeyTurns
 from ..brokers.sql import SqlBroker
@@ -131,15 +131,9 @@ class SqlJobStore(JobStore):
         message = job.message(error)
         keyed: dict[str, Any] = {}
         if job.ordering_key is not None:
-            running = m.alias("running")
             keyed = {
                 "ordering_key": job.ordering_key,
-                "ordering_seq": sa.select(sa.func.min(running.c.ordering_seq))
-                .where(
-                    running.c.message_id == message.message_id,
-                    running.c.ordering_key == job.ordering_key,
-                )
-                .scalar_subquery(),
+                "ordering_seq": first_delivery_seq(m, message.message_id, job.ordering_key),
             }
         with self.broker.engine.begin() as conn:
             row_id = conn.execute(
