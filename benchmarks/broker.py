@@ -209,6 +209,7 @@ class Target:
             self._init_dramatiq_postgres_schema()
         self.broker, self.noop, self.ping = make(kind, self.url, self.prefix, self.queue)
         self._counter = self._make_counter()
+        self._sent = 0  # single sends so far (their keys go round-robin)
 
     def _init_dramatiq_postgres_schema(self) -> None:
         import psycopg
@@ -326,7 +327,15 @@ class Target:
                 producer=producer,
             )
         else:
-            self.noop.send()
+            self.broker.enqueue(self.noop_message(self._sent))
+            self._sent += 1
+
+    def noop_message(self, i: int) -> Any:
+        """The ``i``-th no-op message of a Dramatiq target (keyed round-robin
+        over :data:`ORDERING_KEYS` keys for ``sql-pg-ordered``)."""
+        if self.kind == "sql-pg-ordered":
+            return self.noop.message_with_options(ordering_key=f"k{i % ORDERING_KEYS}")
+        return self.noop.message()
 
     def send_ping(self, sent: float) -> None:
         if self.celery:
@@ -357,18 +366,11 @@ class Target:
             with self.broker.producer_or_acquire() as producer:
                 for _ in range(n):
                     self.send_noop(producer)
-        elif self.kind == "sql-pg-ordered":
-            for start in range(0, n, batch):
-                self.broker.enqueue_many(
-                    [
-                        self.noop.message_with_options(ordering_key=f"k{i % ORDERING_KEYS}")
-                        for i in range(start, min(start + batch, n))
-                    ]
-                )
         elif self.has_enqueue_many:
             for start in range(0, n, batch):
-                size = min(batch, n - start)
-                self.broker.enqueue_many([self.noop.message() for _ in range(size)])
+                self.broker.enqueue_many(
+                    [self.noop_message(i) for i in range(start, min(start + batch, n))]
+                )
         else:
             for _ in range(n):
                 self.noop.send()
@@ -563,7 +565,7 @@ def measure_enqueue(target: Target, sizes: Sizes, result: Result) -> None:
         target.send_noop()
     result.add("enqueue_one", sizes.single / (time.perf_counter() - started))
     if target.has_enqueue_many:
-        messages = [target.noop.message() for _ in range(sizes.many)]
+        messages = [target.noop_message(i) for i in range(sizes.many)]
         started = time.perf_counter()
         for start in range(0, sizes.many, 1_000):
             target.broker.enqueue_many(messages[start : start + 1_000])

@@ -27,6 +27,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.message import Message
 from dramatiq.middleware import Retries
 
+from botkit_tasks import atomic
 from botkit_tasks.brokers import SqlBroker
 from botkit_tasks.brokers.ordering import OrderingKeys
 from botkit_tasks.kv import MemoryKvStore, RedisKvStore
@@ -281,6 +282,55 @@ def test_a_keyed_ack_flushed_outside_a_claim_hands_its_key_on(sql_setup: Setup) 
         with broker.engine.connect() as conn:
             rows = conn.execute(sa.select(m.c.data, m.c.state).order_by(m.c.id)).all()
         assert [(Message.decode(bytes(d)).args[1], state) for d, state in rows] == [(2, "queued")]
+    finally:
+        consumer.close()
+
+
+def test_keyed_rows_are_numbered_in_enqueue_order_and_retries_keep_their_place(
+    sql_setup: Setup,
+) -> None:
+    broker = sql_setup.broker
+    m = broker.messages
+
+    def numbered() -> list[tuple[int, int, int, int]]:
+        """(row id, ordering_seq, message number, retries) of every row."""
+        with broker.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(m.c.id, m.c.ordering_seq, m.c.data, m.c.retries).order_by(m.c.id)
+            ).all()
+        return [(i, seq, Message.decode(bytes(d)).args[1], r) for i, seq, d, r in rows]
+
+    # Given one batch of six messages over keys A and B
+    batch = [sql_setup.message("step", "AB"[i % 2], i) for i in range(6)]
+    with atomic(broker.engine) as conn:
+        broker.enqueue_many(batch)
+        if sql_setup.kind == "postgres":
+            # (PostgreSQL counts this transaction's row versions as it goes:
+            # only the two heads were updated, to queued; the rows were
+            # numbered as they were inserted, not by an update after)
+            updated = conn.exec_driver_sql(
+                "SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = %(t)s",
+                {"t": m.name},
+            ).scalar()
+            assert updated == 2
+    # Then each is numbered with its own row id, the rows in batch order
+    rows = numbered()
+    assert [n for _, _, n, _ in rows] == list(range(6))
+    assert all(seq == row_id for row_id, seq, _, _ in rows), rows
+    consumer = broker.consume(sql_setup.queue, prefetch=1, timeout=2000)
+    try:
+        # When A's head (0) is claimed and retried, and message 2, still
+        # waiting, is sent again under its message id
+        head = next(consumer)
+        assert head is not None and head.args == ("A", 0)
+        broker.enqueue(head._message.copy(options={"retries": 1}))
+        broker.enqueue(batch[2])
+        # Then the retry takes the place of its first delivery, and the
+        # copy of a message that never ran goes last, numbered as new
+        head_id = rows[0][0]
+        *_, (_, retry_seq, retry_n, retries), (copy_id, copy_seq, copy_n, _) = numbered()
+        assert (retry_n, retries, retry_seq) == (0, 1, head_id)
+        assert (copy_n, copy_seq) == (2, copy_id)
     finally:
         consumer.close()
 

@@ -18,7 +18,18 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["LOCKS_SQL", "hand_on_sql", "run_pipelined"]
+__all__ = ["LOCKS_SQL", "hand_on_sql", "insert_numbered_sql", "keyed_columns", "run_pipelined"]
+
+_KEYED_COLUMNS = (
+    ("message_id", "varchar"),
+    ("queue_name", "varchar"),
+    ("actor_name", "varchar"),
+    ("retries", "integer"),
+    ("last_error", "text"),
+    ("data", "bytea"),
+    ("delay_ms", "bigint"),
+    ("ordering_key", "varchar"),
+)
 
 #: The key locks of a hand-on, sorted by the caller (psycopg parameter style).
 #: The plan settings go with them: an ack needs no durable commit (losing it reruns
@@ -30,6 +41,46 @@ LOCKS_SQL = (
     "set_config('plan_cache_mode', 'force_generic_plan', true), "
     "count(pg_advisory_xact_lock(k)) FROM unnest(CAST(%(locks)s AS bigint[])) AS k"
 )
+
+
+def insert_numbered_sql(engine: Engine, messages: sa.Table) -> str:
+    """Insert keyed rows as ``waiting`` with their ``ordering_seq``, in one statement.
+
+    A message's first delivery is numbered with its own new id, taken from
+    the id sequence in the statement; a later delivery (a retry) inherits
+    the number of the rows its message still has under its key (as
+    ``_ordering.first_delivery_seq`` finds it).  Rows get their ids in the order of
+    the batch.  Parameters: one array per column (:func:`keyed_columns`).
+    """
+    preparer = engine.dialect.identifier_preparer
+    t = preparer.format_table(messages)
+    now = "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
+    names = ", ".join(name for name, _ in _KEYED_COLUMNS)
+    arrays = ", ".join(f"%({name})b::{kind}[]" for name, kind in _KEYED_COLUMNS)
+    # nextval() in a subquery of its own: evaluated once per row, in batch order.
+    return f"""
+INSERT INTO {t} (id, message_id, queue_name, actor_name, retries, last_error, data,
+    available_at, enqueued_at, state, ordering_key, ordering_seq)
+SELECT b.id, b.message_id, b.queue_name, b.actor_name, b.retries, b.last_error, b.data,
+    {now} + b.delay_ms, {now}, 'waiting', b.ordering_key,
+    COALESCE(
+        (SELECT min(o.ordering_seq) FROM {t} AS o
+         WHERE o.ordering_key = b.ordering_key AND o.state IN ('queued', 'consumed', 'dead')
+             AND o.message_id = b.message_id),
+        b.id
+    )
+FROM (
+    SELECT u.*, nextval(pg_get_serial_sequence('{t.replace("'", "''")}', 'id')) AS id
+    FROM unnest({arrays}) WITH ORDINALITY AS u({names}, n)
+    ORDER BY u.n
+) AS b
+ORDER BY b.n
+"""
+
+
+def keyed_columns(rows: list[dict[str, Any]] | Any) -> dict[str, list[Any]]:
+    """The parameters of :func:`insert_numbered_sql`: one array per column."""
+    return {name: [row[name] for row in rows] for name, _ in _KEYED_COLUMNS}
 
 
 def hand_on_sql(engine: Engine, messages: sa.Table) -> str:

@@ -50,9 +50,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from .._sql import transaction
 from ._dberrors import closed, is_transient
-from ._handon import LOCKS_SQL, hand_on_sql, run_pipelined
+from ._handon import LOCKS_SQL, hand_on_sql, insert_numbered_sql, keyed_columns, run_pipelined
 from ._hub import Hub
-from ._schema import CONSUMED, QUEUED, WAITING, Statements
+from ._schema import CONSUMED, DEAD, QUEUED, WAITING, Statements
 
 __all__ = ["SqlOrdering", "ensure_ordering_schema", "first_delivery_seq"]
 
@@ -81,11 +81,21 @@ def _lock_id(prefix: str, key: str) -> int:
 
 def first_delivery_seq(messages: sa.Table, message_id: Any, key: Any) -> Any:
     """The ``ordering_seq`` of message ``message_id``'s rows under ``key`` (a scalar
-    subquery; ``NULL`` when it has none): the place a new row of it inherits."""
+    subquery; ``NULL`` when it has none): the place a new row of it inherits.
+
+    Only rows that are or were a head count (``queued``, ``consumed``,
+    ``dead``): a retry, a delayed message's move and a dead letter's requeue
+    all come from such a row, and the index on (key, state, …) then skips
+    the key's waiting rows instead of reading every one of them.
+    """
     o = messages.alias("o")
     return (
         sa.select(sa.func.min(o.c.ordering_seq))
-        .where(o.c.message_id == message_id, o.c.ordering_key == key)
+        .where(
+            o.c.ordering_key == key,
+            o.c.state.in_([QUEUED, CONSUMED, DEAD]),
+            o.c.message_id == message_id,
+        )
         .scalar_subquery()
     )
 
@@ -169,6 +179,7 @@ class SqlOrdering:
             "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(:lock)"
         )
         self._hand_on = hand_on_sql(engine, messages) if self.postgres else None
+        self._insert_numbered = insert_numbered_sql(engine, messages) if self.postgres else None
         if self.postgres:
             hub.release_keyed = self.release_acked
 
@@ -208,14 +219,18 @@ class SqlOrdering:
     def insert(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Store keyed rows as ``waiting``, number them, release their keys."""
         keys = self.lock(conn, (row["ordering_key"] for row in rows))
-        conn.execute(
-            self._insert,
-            [
-                {**row, "seq_message_id": row["message_id"], "seq_key": row["ordering_key"]}
-                for row in rows
-            ],
-        )
-        conn.execute(self._number, {"keys": keys})
+        if self._insert_numbered is not None:
+            # Numbered as they are inserted: no second version of each row.
+            conn.exec_driver_sql(self._insert_numbered, keyed_columns(rows))
+        else:
+            conn.execute(
+                self._insert,
+                [
+                    {**row, "seq_message_id": row["message_id"], "seq_key": row["ordering_key"]}
+                    for row in rows
+                ],
+            )
+            conn.execute(self._number, {"keys": keys})
         queues = self.release(conn, keys)
         if queues:
             self.hub.notify_on(conn, sorted(set(queues)))
