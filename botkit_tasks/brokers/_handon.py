@@ -1,11 +1,13 @@
-"""The PostgreSQL hand-on of ordering keys: ack, release and claim in one statement.
+"""The PostgreSQL statements of ordering keys: the hand-on (ack, release and
+claim in one statement) and the numbered insert of keyed rows.
 
 ``SqlOrdering.hand_on`` runs it when a consumer's next claim carries keyed
 acks (see ``_ordering.py``).  :func:`hand_on_sql` builds the statement and
 :data:`LOCKS_SQL` takes the key locks before it, both in the driver's own
 parameter style; :func:`run_pipelined` sends ``BEGIN``, the locks, the
 statement and ``COMMIT`` to the server in one round trip, on a consumer's own
-connection.
+connection.  :func:`insert_numbered_sql` stores a batch of keyed rows, each
+numbered as it is inserted.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ whenever a keyed message arrives, the key is *released*: if it has no head,
 its waiting row with the smallest ``ordering_seq`` becomes ``queued``.
 
 ``ordering_seq`` is the enqueue order: the row id of the message's first
-delivery.  A retry or a delayed message's move from ``X.DQ`` to ``X`` is a new
+delivery (on PostgreSQL set by the insert itself, from the id sequence; on
+SQLite by an update in the same transaction).  A retry or a delayed message's move from ``X.DQ`` to ``X`` is a new
 row under the same ``message_id``, inserted while the old row still exists; it
 inherits the old row's ``ordering_seq``, so it becomes the head again before
 any later message of its key.  A head that keeps failing therefore holds its
