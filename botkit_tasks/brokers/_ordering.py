@@ -10,10 +10,11 @@ its waiting row with the smallest ``ordering_seq`` becomes ``queued``.
 
 ``ordering_seq`` is the enqueue order: the row id of the message's first
 delivery (on PostgreSQL set by the insert itself, from the id sequence; on
-SQLite by an update in the same transaction).  A retry or a delayed message's move from ``X.DQ`` to ``X`` is a new
-row under the same ``message_id``, inserted while the old row still exists; it
-inherits the old row's ``ordering_seq``, so it becomes the head again before
-any later message of its key.  A head that keeps failing therefore holds its
+SQLite by an update in the same transaction).  A retry or a delayed
+message's move from ``X.DQ`` to ``X`` is a new row under the same
+``message_id``, inserted while the old row still exists; it inherits the
+old row's ``ordering_seq``, so it becomes the head again before any later
+message of its key.  A head that keeps failing therefore holds its
 successors back until it succeeds or is dead-lettered; dead letters are not
 heads.
 
