@@ -12,6 +12,7 @@ numbered as it is inserted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -51,8 +52,9 @@ def insert_numbered_sql(engine: Engine, messages: sa.Table) -> str:
     A message's first delivery is numbered with its own new id, taken from
     the id sequence in the statement; a later delivery (a retry) inherits
     the number of the rows its message still has under its key (as
-    ``_ordering.first_delivery_seq`` finds it).  Rows get their ids in the order of
-    the batch.  Parameters: one array per column (:func:`keyed_columns`).
+    ``_ordering.first_delivery_seq`` finds it).  Rows get their ids in the
+    order of the batch.  Parameters: one array per column
+    (:func:`keyed_columns`).
     """
     preparer = engine.dialect.identifier_preparer
     t = preparer.format_table(messages)
@@ -80,7 +82,7 @@ ORDER BY b.n
 """
 
 
-def keyed_columns(rows: list[dict[str, Any]] | Any) -> dict[str, list[Any]]:
+def keyed_columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
     """The parameters of :func:`insert_numbered_sql`: one array per column."""
     return {name: [row[name] for row in rows] for name, _ in _KEYED_COLUMNS}
 
