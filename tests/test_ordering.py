@@ -286,6 +286,179 @@ def test_a_keyed_ack_flushed_outside_a_claim_hands_its_key_on(sql_setup: Setup) 
         consumer.close()
 
 
+@pytest.fixture(params=["postgres", "pgbouncer"])
+def pg_setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    s = Setup(request.param, request.getfixturevalue(URLS[request.param]))
+    try:
+        yield s
+    finally:
+        s.cleanup()
+
+
+class Counted:
+    """Counts the hand-ons and run steps of a broker's ordering (wrapping the real ones)."""
+
+    def __init__(self, broker: SqlBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.hand_ons = self.steps = 0
+        self.refused = 0
+        ordering = broker.ordering
+        hand_on, step = ordering.hand_on, ordering.step
+
+        def counted_hand_on(*args: Any, **kwargs: Any) -> Any:
+            self.hand_ons += 1
+            return hand_on(*args, **kwargs)
+
+        def counted_step(conn: Any, acks: Any, members: Any, worker: str) -> set[int]:
+            self.steps += 1
+            taken = step(conn, acks, members, worker)
+            self.refused += len(members) - len(taken)
+            return taken
+
+        monkeypatch.setattr(ordering, "hand_on", counted_hand_on)
+        monkeypatch.setattr(ordering, "step", counted_step)
+
+
+def sql_states(setup: Setup) -> list[tuple[int, str]]:
+    """(message number, state) of every row, in row order."""
+    m = setup.broker.messages
+    with setup.broker.engine.connect() as conn:
+        rows = conn.execute(sa.select(m.c.data, m.c.state).order_by(m.c.id)).all()
+    return [(Message.decode(bytes(data)).args[1], state) for data, state in rows]
+
+
+def test_a_run_takes_its_keys_next_messages_without_a_hand_on(
+    pg_setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup, broker = pg_setup, pg_setup.broker
+    for i in range(1, 6):
+        broker.enqueue(setup.message("step", "A", i))
+    counted = Counted(broker, monkeypatch)
+    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    try:
+        # Given A1 claimed and acked: the hand-on that deletes it claims A2
+        # and reads A3..A5 ahead as A2's run
+        first = next(consumer)
+        assert first is not None and first.args == ("A", 1)
+        consumer.ack(first)
+        second = next(consumer)
+        assert second is not None and second.args == ("A", 2)
+        assert counted.hand_ons == 1
+        assert sql_states(setup) == [(2, "consumed")] + [(i, "waiting") for i in (3, 4, 5)]
+        # When A2..A5 are acked one by one
+        got = []
+        message = second
+        for _ in range(3):
+            consumer.ack(message)
+            message = next(consumer)
+            assert message is not None
+            got.append(message.args[1])
+            # Then each next message became its key's head (consumed) in the
+            # step that deleted its predecessor, before it was handed out
+            assert sql_states(setup)[0] == (message.args[1], "consumed")
+        assert got == [3, 4, 5]
+        assert counted.hand_ons == 1 and counted.steps == 3
+        consumer.ack(message)
+        broker.join(setup.queue, timeout=5000)
+        assert sql_states(setup) == []
+    finally:
+        consumer.close()
+
+
+def test_a_retry_in_a_run_runs_before_the_keys_later_messages(
+    pg_setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup, broker = pg_setup, pg_setup.broker
+    for i in range(1, 5):
+        broker.enqueue(setup.message("step", "A", i))
+    counted = Counted(broker, monkeypatch)
+    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    try:
+        first = next(consumer)
+        assert first is not None
+        consumer.ack(first)
+        second = next(consumer)  # A2, with A3 and A4 in its run
+        assert second is not None and second.args == ("A", 2)
+        # When A2 fails and is enqueued again (as Retries does) before its ack
+        broker.enqueue(second._message.copy(options={**second.options, "retries": 1}))
+        consumer.ack(second)
+        # Then the run's next member (A3) is refused, and the retry of A2 runs next
+        third = next(consumer)
+        assert third is not None and (third.args, third.options.get("retries")) == (("A", 2), 1)
+        assert counted.refused == 1
+        consumer.ack(third)
+        rest = []
+        for _ in range(2):
+            message = next(consumer)
+            assert message is not None
+            rest.append(message.args[1])
+            consumer.ack(message)
+        assert rest == [3, 4]
+        broker.join(setup.queue, timeout=5000)
+    finally:
+        consumer.close()
+
+
+def test_a_dead_lettered_or_requeued_run_head_leaves_the_rest_in_order(pg_setup: Setup) -> None:
+    setup, broker = pg_setup, pg_setup.broker
+    for i in range(1, 6):
+        broker.enqueue(setup.message("step", "A", i))
+    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    try:
+        first = next(consumer)
+        assert first is not None
+        consumer.ack(first)
+        second = next(consumer)  # A2, with A3..A5 in its run
+        assert second is not None and second.args == ("A", 2)
+        # When A2 becomes a dead letter
+        second.fail()
+        consumer.nack(second)
+        # Then A3 is next, taken from the database (the run ended)
+        third = next(consumer)
+        assert third is not None and third.args == ("A", 3)
+        # And when A3 is handed back unprocessed (a worker shutting down)
+        consumer.requeue([third])
+        # Then A3 runs again before A4 and A5
+        order = []
+        for _ in range(3):
+            message = next(consumer)
+            assert message is not None
+            order.append(message.args[1])
+            consumer.ack(message)
+        assert order == [3, 4, 5]
+        broker.join(setup.queue, timeout=5000)
+        assert sql_states(setup) == [(2, "dead")]
+    finally:
+        consumer.close()
+
+
+def test_a_consumer_closed_mid_run_leaves_the_key_to_its_next_message(pg_setup: Setup) -> None:
+    setup, broker = pg_setup, pg_setup.broker
+    for i in range(1, 5):
+        broker.enqueue(setup.message("step", "A", i))
+    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    first = next(consumer)
+    assert first is not None
+    consumer.ack(first)
+    second = next(consumer)  # A2, with A3 and A4 in its run
+    assert second is not None and second.args == ("A", 2)
+    # When A2 is acked and the consumer closes before taking A3
+    consumer.ack(second)
+    consumer.close()
+    # Then A2 is gone and A3, still waiting for no one, is queued for any consumer
+    assert sql_states(setup) == [(3, "queued"), (4, "waiting")]
+    other = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    try:
+        order = []
+        for _ in range(2):
+            message = next(other)
+            assert message is not None
+            order.append(message.args[1])
+            other.ack(message)
+        assert order == [3, 4]
+    finally:
+        other.close()
+
+
 def test_keyed_rows_are_numbered_in_enqueue_order_and_retries_keep_their_place(
     sql_setup: Setup,
 ) -> None:

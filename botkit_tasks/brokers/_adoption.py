@@ -1,19 +1,55 @@
-"""How an :class:`~._consumer.SqlConsumer` takes over rows: orphans and undecodable messages."""
+"""How an :class:`~._consumer.SqlConsumer` takes over or hands back rows.
+
+Orphans of a closed consumer, undecodable messages, and claimed rows it
+hands back to their queue.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ._dberrors import closed, is_transient
 from ._hub import chunks
-from ._schema import CONSUMED, DEAD
+from ._schema import CONSUMED, DEAD, QUEUED
 
 if TYPE_CHECKING:
     from ._host import ConsumerHost
 
-__all__ = ["adopt_orphans", "dead_letter_rows"]
+__all__ = ["adopt_orphans", "begun", "dead_letter_rows", "requeue_rows"]
+
+
+@contextmanager
+def begun(conn: Connection) -> Iterator[Connection]:
+    """``engine.begin()`` for a connection we already hold: yields the connection."""
+    with conn.begin():
+        yield conn
+
+
+def requeue_rows(consumer: Any, ids: list[int], begin: Callable[[], Any]) -> None:
+    """Put the rows ``ids`` claimed by ``consumer`` back in its queue (``begin``: the transaction).
+
+    Raises:
+        dramatiq.errors.ConnectionClosed: On a transient database error.
+    """
+    m = consumer.broker.messages
+    try:
+        with begin() as conn:
+            for chunk in chunks(ids):
+                conn.execute(
+                    m.update()
+                    .where(m.c.id.in_(chunk), m.c.state == CONSUMED)
+                    .values(state=QUEUED, worker_id=None, consumed_at=None)
+                )
+            consumer.broker.hub.notify_on(conn, [consumer.queue_name], local=False)
+    except sa.exc.DBAPIError as exc:
+        if is_transient(consumer.broker.engine, exc):
+            raise closed(exc) from exc
+        raise
 
 
 def adopt_orphans(consumer: Any, conn: Connection) -> None:

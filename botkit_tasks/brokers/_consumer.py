@@ -6,7 +6,9 @@ the row id; the ids are deleted in one statement together with the next claim
 (or within :data:`ACK_DELAY`), which is where most of the throughput comes
 from.  On PostgreSQL that holds for acks of keyed messages too: the claim
 that deletes them also releases their keys and may take their successors
-(``SqlOrdering.hand_on``).  Each consumer holds its own connection,
+(``SqlOrdering.hand_on``), and the acks of keys whose next messages it
+read ahead hand the key on in a lighter statement of their own (``_runs.py``,
+``SqlOrdering.step``).  Each consumer holds its own connection,
 heartbeats under its own worker id, and sleeps on an event that NOTIFY,
 local commits and acks set.
 """
@@ -18,8 +20,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -30,24 +31,17 @@ from dramatiq.logging import get_logger
 from dramatiq.message import Message
 from sqlalchemy.engine import Connection
 
-from ._adoption import adopt_orphans, dead_letter_rows
+from ._adoption import adopt_orphans, begun, dead_letter_rows, requeue_rows
 from ._dberrors import closed, is_transient
 from ._deadletters import mark_dead
-from ._hub import ACK_DELAY, chunks
-from ._schema import CONSUMED, QUEUED
+from ._hub import ACK_DELAY
+from ._runs import RUN_LENGTH, Run, drop_steps, end_run, held_for_step, start_run, step_runs
 
 if TYPE_CHECKING:
     from ._host import ConsumerHost
 
 #: Most rows one claim takes (the delay-queue consumer asks for thousands).
 MAX_CLAIM = 500
-
-
-@contextmanager
-def _begun(conn: Connection) -> Iterator[Connection]:
-    """``engine.begin()`` for a connection we already hold: yields the connection."""
-    with conn.begin():
-        yield conn
 
 
 class SqlMessageProxy(MessageProxy):
@@ -69,6 +63,10 @@ class SqlConsumer(Consumer):
         self.timeout = timeout
         self.worker_id = uuid.uuid4().hex
         self._refill = max(1, self.prefetch // 2)
+        # Runs of keyed messages (PostgreSQL, not on a delay queue: ``_runs.py``),
+        # and the acked heads whose run's next member is to be taken.
+        self._run_length = RUN_LENGTH if q_name(queue_name) == queue_name else 0
+        self._steps: list[tuple[int, Run]] = []
         self._cache: deque[SqlMessageProxy] = deque()
         self._unacked: set[int] = set()  # claimed rows not acked/nacked/requeued yet
         self._lock = threading.Lock()
@@ -135,6 +133,10 @@ class SqlConsumer(Consumer):
         while True:
             if self._cache:
                 return self._hand_out(self._cache.popleft())
+            if self._steps:
+                # After the cache is handed out: the workers run it meanwhile.
+                step_runs(self)
+                continue
             now = time.monotonic()
             if self._hold_until is not None and now >= self._hold_until:
                 # The worker releases delayed messages only after __next__
@@ -166,6 +168,8 @@ class SqlConsumer(Consumer):
                 wake_at = min(wake_at, flush_at)
             if self._hold_until is not None:
                 wake_at = min(wake_at, self._hold_until)
+            if self._steps:
+                continue  # an ack came while this loop ran (its wake-up may be cleared)
             self._event.wait(max(wake_at - now, 0.0))
             self._event.clear()
 
@@ -220,6 +224,7 @@ class SqlConsumer(Consumer):
         # nothing and each statement commits on its own.
         restore: Callable[[], None] | None = None
         rows: list[Any]
+        runs: dict[int, list[tuple[int, bytes, int]]] = {}
         try:
             with conn.begin():
                 self._heartbeat(conn, time.monotonic())
@@ -229,13 +234,14 @@ class SqlConsumer(Consumer):
                     if keys:
                         # Keyed acks: their keys are handed on in the same
                         # transaction that claims (one of its own, locked).
-                        rows = broker.ordering.hand_on(
+                        rows, runs = broker.ordering.hand_on(
                             conn,
                             acks,
                             keys,
                             queue=self.queue_name,
                             limit=limit,
                             worker=self.worker_id,
+                            run=self._run_length,
                         )
                     else:
                         rows = list(
@@ -271,7 +277,10 @@ class SqlConsumer(Consumer):
                 except Exception as exc:
                     bad.append((row_id, f"could not decode message: {exc!r}"[:2000]))
                     continue
-                self._cache.append(SqlMessageProxy(message, row_id))
+                proxy = SqlMessageProxy(message, row_id)
+                if row_id in runs:
+                    start_run(self, proxy, runs[row_id])
+                self._cache.append(proxy)
         if bad:
             self._dead_letter_undecodable(bad)
         return True
@@ -341,7 +350,7 @@ class SqlConsumer(Consumer):
         hands the key to its next message; on SQLite it happens at once.
         """
         row_id = getattr(message, "row_id", None)
-        if row_id is None:
+        if row_id is None or held_for_step(self, message, row_id):
             return
         self._release((row_id,))
         key = message.options.get("ordering_key")
@@ -356,6 +365,7 @@ class SqlConsumer(Consumer):
         row_id = getattr(message, "row_id", None)
         if row_id is None:
             return
+        end_run(self, message, row_id)  # its release below hands the key on
         options = message.options
         try:
             mark_dead(self.broker, row_id, message._message)
@@ -369,28 +379,16 @@ class SqlConsumer(Consumer):
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
         """Put claimed but unprocessed messages back at their place in the queue."""
-        ids = [row_id for m in messages if (row_id := getattr(m, "row_id", None)) is not None]
+        ids = []
+        for message in messages:
+            if (row_id := getattr(message, "row_id", None)) is not None:
+                end_run(self, message, row_id)
+                ids.append(row_id)
         if not ids:
             return
-        self._requeue_ids(ids, self.broker.engine.begin)
+        requeue_rows(self, ids, self.broker.engine.begin)
         self._release(ids)
         self.broker.hub.announce([self.queue_name])
-
-    def _requeue_ids(self, ids: list[int], begin: Callable[[], Any]) -> None:
-        m = self.broker.messages
-        try:
-            with begin() as conn:
-                for chunk in chunks(ids):
-                    conn.execute(
-                        m.update()
-                        .where(m.c.id.in_(chunk), m.c.state == CONSUMED)
-                        .values(state=QUEUED, worker_id=None, consumed_at=None)
-                    )
-                self.broker.hub.notify_on(conn, [self.queue_name], local=False)
-        except sa.exc.DBAPIError as exc:
-            if is_transient(self.broker.engine, exc):
-                raise closed(exc) from exc
-            raise
 
     def _flush_closed(self) -> None:
         try:
@@ -410,11 +408,15 @@ class SqlConsumer(Consumer):
             return
         self._closed = True
         self.broker.hub.unsubscribe(self)
+        drop_steps(self)  # plain keyed acks now: the flush below releases their keys
         with self._lock:
-            cached = [proxy.row_id for proxy in self._cache]
+            proxies = list(self._cache)
+            cached = [proxy.row_id for proxy in proxies]
             self._cache.clear()
             self._abandoned = set(cached)
             in_flight = bool(self._unacked - self._abandoned)
+        for proxy in proxies:
+            end_run(self, proxy, proxy.row_id)
         # Rows handed out and not yet acked: a restarted consumer of this queue
         # takes them over.  Not for a delay queue, whose held messages Dramatiq
         # drops on a connection error: those come back through heartbeat expiry.
@@ -423,7 +425,7 @@ class SqlConsumer(Consumer):
         try:
             conn = self._connection()
             if cached:
-                self._requeue_ids(cached, lambda: _begun(conn))
+                requeue_rows(self, cached, lambda: begun(conn))
                 self._release(cached)
             self._flush()
             if not self._unacked and self._registered:
@@ -432,6 +434,10 @@ class SqlConsumer(Consumer):
                     conn.execute(w.delete().where(w.c.worker_id == self.worker_id))
         except (sa.exc.DBAPIError, ConnectionClosed) as exc:
             self.logger.warning("Could not close consumer of %r cleanly: %s", self.queue_name, exc)
+        except Exception:
+            # Dramatiq closes a consumer from its consumer thread, which an
+            # error here would end: the queue would have no consumer left.
+            self.logger.exception("Could not close consumer of %r cleanly", self.queue_name)
         finally:
             if self._conn is not None:
                 if self.broker.is_postgres and not (self._conn.invalidated or self._conn.closed):

@@ -1,13 +1,15 @@
 """The PostgreSQL statements of ordering keys: the hand-on (ack, release and
-claim in one statement) and the numbered insert of keyed rows.
+claim in one statement), the step of a run (``_runs.py``) and the numbered
+insert of keyed rows.
 
 ``SqlOrdering.hand_on`` runs it when a consumer's next claim carries keyed
 acks (see ``_ordering.py``).  :func:`hand_on_sql` builds the statement and
 :data:`LOCKS_SQL` takes the key locks before it, both in the driver's own
 parameter style; :func:`run_pipelined` sends ``BEGIN``, the locks, the
 statement and ``COMMIT`` to the server in one round trip, on a consumer's own
-connection.  :func:`insert_numbered_sql` stores a batch of keyed rows, each
-numbered as it is inserted.
+connection.  :func:`step_sql` moves keys whose next rows were read ahead on
+to those rows.  :func:`insert_numbered_sql` stores a batch of keyed rows,
+each numbered as it is inserted.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from psycopg.rows import namedtuple_row
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["LOCKS_SQL", "hand_on_sql", "insert_numbered_sql", "keyed_columns", "run_pipelined"]
+__all__ = [
+    "LOCKS_SQL",
+    "hand_on_sql",
+    "insert_numbered_sql",
+    "keyed_columns",
+    "run_pipelined",
+    "step_sql",
+]
 
 _KEYED_COLUMNS = (
     ("message_id", "varchar"),
@@ -91,7 +100,12 @@ def hand_on_sql(engine: Engine, messages: sa.Table) -> str:
     """Ack, release and claim in one statement (PostgreSQL; see ``SqlOrdering.hand_on``).
 
     Compiled for ``engine``'s driver; its parameters are ``acks``, ``keys``,
-    ``queue``, ``limit``, ``reserve``, ``worker``, ``channel`` and ``notify``.
+    ``queue``, ``limit``, ``reserve``, ``run``, ``worker``, ``channel`` and
+    ``notify``.  Rows: ``(id, available_at, state, queue_name, data, lease,
+    seq)``; ``state`` is ``consumed`` for a claimed row, ``run`` for a member
+    of the run of the claimed row ``lease`` (``seq``: its ``ordering_seq``),
+    ``queued`` for a released successor left to others, ``notified`` for a
+    queue woken.
     """
     t = engine.dialect.identifier_preparer.format_table(messages)
     now = "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
@@ -103,7 +117,7 @@ WITH acked AS (
     DELETE FROM {t} WHERE id = ANY(:acks)
 ),
 successor AS MATERIALIZED (
-    SELECT w.id, w.queue_name, w.available_at
+    SELECT w.id, w.queue_name, w.available_at, k.key AS ordering_key
     FROM unnest(CAST(:keys AS varchar[])) AS k(key)
     CROSS JOIN LATERAL (
         SELECT id, queue_name, available_at FROM {t}
@@ -118,12 +132,12 @@ successor AS MATERIALIZED (
     )
 ),
 mine AS MATERIALIZED (
-    SELECT id, available_at FROM successor
+    SELECT id, available_at, ordering_key FROM successor
     WHERE queue_name = :queue AND available_at <= {now}
 ),
 -- Only as many queued rows as "chosen" can take: each one is locked.
 ready AS MATERIALIZED (
-    SELECT id, available_at FROM {t}
+    SELECT id, available_at, ordering_key FROM {t}
     WHERE queue_name = :queue AND state = 'queued' AND available_at <= {now}
     ORDER BY available_at, id
     LIMIT GREATEST(:reserve, :limit - (SELECT count(*) FROM mine))
@@ -134,15 +148,35 @@ ready AS MATERIALIZED (
 -- leaves the oldest queued rows behind hand-offs alone, so keys that stay
 -- busy cannot starve the rest of the queue.
 chosen AS MATERIALIZED (
-    SELECT id FROM (
-        SELECT id, available_at, 0 AS rank FROM mine
+    SELECT id, ordering_key FROM (
+        SELECT id, available_at, ordering_key, 0 AS rank FROM mine
         UNION ALL
-        SELECT id, available_at,
+        SELECT id, available_at, ordering_key,
             CASE WHEN row_number() OVER (ORDER BY available_at, id) <= :reserve THEN 0 ELSE 1 END
         FROM ready
     ) AS candidate
     ORDER BY rank, available_at, id
     LIMIT :limit
+),
+-- The run of each keyed row claimed here: up to :run of its key's next
+-- waiting rows, as long as they are in this queue and due.  They stay
+-- waiting; the consumer takes them one after the other, each in the
+-- statement that deletes its predecessor (see _runs.py).
+run AS (
+    SELECT r.id, r.available_at, r.data, r.ordering_seq, c.id AS lease
+    FROM chosen AS c
+    CROSS JOIN LATERAL (
+        SELECT x.*, bool_and(x.queue_name = :queue AND x.available_at <= {now})
+            OVER (ORDER BY x.ordering_seq, x.id) AS ok
+        FROM (
+            SELECT id, queue_name, available_at, data, ordering_seq FROM {t}
+            WHERE ordering_key = c.ordering_key AND state = 'waiting'
+                AND id <> c.id
+            ORDER BY ordering_seq, id
+            LIMIT :run
+        ) AS x
+    ) AS r
+    WHERE c.ordering_key IS NOT NULL AND r.ok
 ),
 handed AS (
     UPDATE {t} AS m SET
@@ -165,23 +199,71 @@ notified AS (
     ) AS released
     WHERE :notify
 )
-SELECT id, available_at, state, queue_name, CASE WHEN state = 'consumed' THEN data END AS data
+SELECT id, available_at, state, queue_name,
+    CASE WHEN state = 'consumed' THEN data END AS data, NULL::bigint AS lease, NULL::bigint AS seq
 FROM handed
 UNION ALL
-SELECT id, available_at, state, queue_name, data FROM claimed
+SELECT id, available_at, state, queue_name, data, NULL, NULL FROM claimed
+UNION ALL
+SELECT id, available_at, 'run', :queue, data, lease, ordering_seq FROM run
 UNION ALL
 -- One row per queue woken by NOTIFY: a CTE runs only if it is read.
-SELECT NULL, NULL, 'notified', queue_name, NULL FROM notified
+SELECT NULL, NULL, 'notified', queue_name, NULL, NULL, NULL FROM notified
 """
     statement = sa.text(sql).bindparams(
         sa.bindparam("acks", type_=pg_dialect.ARRAY(sa.BigInteger)),
         sa.bindparam("keys", type_=pg_dialect.ARRAY(sa.String)),
         sa.bindparam("queue", type_=sa.String),
         sa.bindparam("limit", type_=sa.Integer),
+        sa.bindparam("run", type_=sa.Integer),
         sa.bindparam("reserve", type_=sa.Integer),
         sa.bindparam("worker", type_=sa.String),
         sa.bindparam("channel", type_=sa.String),
         sa.bindparam("notify", type_=sa.Boolean),
+    )
+    return str(statement.compile(dialect=engine.dialect))
+
+
+def step_sql(engine: Engine, messages: sa.Table) -> str:
+    """Delete acked heads and make each run's next member its key's head (PostgreSQL).
+
+    Parameters: ``acks`` (row ids to delete), the members ``ids`` with their
+    ``keys`` and ``seqs`` (``ordering_seq``), and ``worker``.  A member
+    becomes ``consumed`` by ``worker`` only if it is still ``waiting`` and
+    still its key's next waiting row: a retry of its predecessor (which
+    inherits the predecessor's place) or a requeued dead letter may have
+    come before it.  Returns the ids of the members taken.  No key lock is
+    needed: each key keeps a head throughout, since the acked head is
+    deleted in the transaction that makes the member the head, so no other
+    transaction releases the key meanwhile (see ``_runs.py``).
+    """
+    t = engine.dialect.identifier_preparer.format_table(messages)
+    now = "floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
+    sql = f"""
+WITH acked AS (
+    DELETE FROM {t} WHERE id = ANY(:acks)
+),
+step AS (
+    SELECT * FROM unnest(
+        CAST(:ids AS bigint[]), CAST(:keys AS varchar[]), CAST(:seqs AS bigint[])
+    ) AS s(id, key, seq)
+)
+UPDATE {t} AS m SET state = 'consumed', worker_id = :worker, consumed_at = {now}
+FROM step AS s
+WHERE m.id = s.id AND m.state = 'waiting' AND m.ordering_key = s.key
+    AND NOT EXISTS (
+        SELECT 1 FROM {t} AS w
+        WHERE w.ordering_key = s.key AND w.state = 'waiting'
+            AND (w.ordering_seq, w.id) < (s.seq, s.id)
+    )
+RETURNING m.id
+"""
+    statement = sa.text(sql).bindparams(
+        sa.bindparam("acks", type_=pg_dialect.ARRAY(sa.BigInteger)),
+        sa.bindparam("ids", type_=pg_dialect.ARRAY(sa.BigInteger)),
+        sa.bindparam("keys", type_=pg_dialect.ARRAY(sa.String)),
+        sa.bindparam("seqs", type_=pg_dialect.ARRAY(sa.BigInteger)),
+        sa.bindparam("worker", type_=sa.String),
     )
     return str(statement.compile(dialect=engine.dialect))
 

@@ -28,7 +28,10 @@ successors it does not take become ``queued`` (with a ``NOTIFY``).  So one
 transaction per batch acks, releases and claims, instead of one transaction
 per keyed ack plus a claim.  Until that flush the acked row stays
 ``consumed``: a crash loses the ack and the message runs again, still as its
-key's head.  On SQLite a keyed ack is deleted and released at once.
+key's head.  The hand-on also reads each claimed key's next waiting rows
+ahead (its *run*, ``_runs.py``): the consumer then moves the key from one to
+the next with a lighter statement that needs neither the key's lock nor a
+lookup.  On SQLite a keyed ack is deleted and released at once.
 
 Concurrency: every transaction that inserts or releases rows of a key first
 takes a transaction-scoped lock on it (PostgreSQL ``pg_advisory_xact_lock``,
@@ -52,8 +55,16 @@ from sqlalchemy.engine import Connection, Engine
 
 from .._sql import transaction
 from ._dberrors import closed, is_transient
-from ._handon import LOCKS_SQL, hand_on_sql, insert_numbered_sql, keyed_columns, run_pipelined
+from ._handon import (
+    LOCKS_SQL,
+    hand_on_sql,
+    insert_numbered_sql,
+    keyed_columns,
+    run_pipelined,
+    step_sql,
+)
 from ._hub import Hub
+from ._runs import Runs
 from ._schema import CONSUMED, DEAD, QUEUED, WAITING, Statements
 
 __all__ = ["SqlOrdering", "ensure_ordering_schema", "first_delivery_seq"]
@@ -119,6 +130,8 @@ class SqlOrdering:
         self.hub = hub
         self.prefix = prefix
         self.channel = channel
+        #: The runs this process's consumers read ahead (PostgreSQL; ``_runs.py``).
+        self.runs = Runs()
         m = messages
         now = statements.now
         w, h = m.alias("w"), m.alias("h")
@@ -182,6 +195,7 @@ class SqlOrdering:
         )
         self._hand_on = hand_on_sql(engine, messages) if self.postgres else None
         self._insert_numbered = insert_numbered_sql(engine, messages) if self.postgres else None
+        self._step = step_sql(engine, messages) if self.postgres else None
         if self.postgres:
             hub.release_keyed = self.release_acked
 
@@ -260,7 +274,8 @@ class SqlOrdering:
         queue: str,
         limit: int,
         worker: str,
-    ) -> list[tuple[int, int, bytes]]:
+        run: int = 0,
+    ) -> tuple[list[tuple[int, int, bytes]], dict[int, list[tuple[int, bytes, int]]]]:
         """Delete acked rows, release their ``keys``, claim up to ``limit`` rows of ``queue``.
 
         One transaction (PostgreSQL only): lock the keys, then one statement
@@ -270,7 +285,9 @@ class SqlOrdering:
         the oldest quarter of the queued rows competes with them by age.
         Successors not claimed become ``queued``, and their queues are
         notified.  So a key's next message usually needs neither a
-        transaction of its own nor a claim.
+        transaction of its own nor a claim.  With ``run`` > 0, each claimed
+        keyed row also brings up to ``run`` of its key's next waiting rows
+        (its run, ``_runs.py``).
 
         Args:
             conn: The consumer's connection, in autocommit mode (the
@@ -278,7 +295,9 @@ class SqlOrdering:
                 pooled one.
 
         Returns:
-            The claimed rows as ``(id, available_at, data)``.
+            The claimed rows as ``(id, available_at, data)``, and the runs:
+            claimed row id -> its members as ``(id, data, ordering_seq)``,
+            in order.
         """
         assert self._hand_on is not None
         params = {
@@ -286,6 +305,7 @@ class SqlOrdering:
             "keys": keys,
             "queue": queue,
             "limit": limit,
+            "run": run,
             "reserve": (limit + 3) // 4,
             "worker": worker,
             "channel": self.channel,
@@ -302,7 +322,35 @@ class SqlOrdering:
         queued = sorted({row.queue_name for row in rows if row.state == "queued"})
         if queued:
             self.hub.announce(queued)  # NOTIFY went with the statement
-        return [(row.id, row.available_at, row.data) for row in rows if row.state == "consumed"]
+        runs: dict[int, list[tuple[int, bytes, int]]] = {}
+        for row in rows:
+            if row.state == "run":
+                runs.setdefault(row.lease, []).append((row.id, row.data, row.seq))
+        for members in runs.values():
+            members.sort(key=lambda member: (member[2], member[0]))
+        claimed = [(row.id, row.available_at, row.data) for row in rows if row.state == "consumed"]
+        return claimed, runs
+
+    def step(
+        self, conn: Connection, acks: list[int], members: list[tuple[int, str, int]], worker: str
+    ) -> set[int]:
+        """Delete the acked heads ``acks``; make ``members`` (``(id, key, seq)``) heads.
+
+        One transaction on the consumer's connection ``conn`` (autocommit
+        mode), sent in one round trip.  Returns the ids of the members taken
+        for ``worker``: a member that is no longer its key's next waiting row
+        is left alone (``_handon.step_sql``), and its key is for the caller
+        to release.
+        """
+        assert self._step is not None
+        params = {
+            "acks": acks,
+            "ids": [row_id for row_id, _, _ in members],
+            "keys": [key for _, key, _ in members],
+            "seqs": [seq for _, _, seq in members],
+            "worker": worker,
+        }
+        return {row.id for row in run_pipelined(conn, self._step, [], params)}
 
     def release_acked(self, acks: list[int], keys: list[str]) -> None:
         """Delete acked rows and hand their ``keys`` on, claiming nothing (PostgreSQL)."""
