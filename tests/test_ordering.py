@@ -94,22 +94,28 @@ class Setup:
         self.broker.close()
 
 
-@pytest.fixture(params=KINDS)
-def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+def made_setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    """The body of the fixtures below: the ``Setup`` of ``request.param``, cleaned up after."""
     s = Setup(request.param, request.getfixturevalue(URLS[request.param]))
     try:
         yield s
     finally:
         s.cleanup()
+
+
+@pytest.fixture(params=KINDS)
+def setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    yield from made_setup(request)
 
 
 @pytest.fixture(params=["postgres", "pgbouncer", "sqlite"])
 def sql_setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
-    s = Setup(request.param, request.getfixturevalue(URLS[request.param]))
-    try:
-        yield s
-    finally:
-        s.cleanup()
+    yield from made_setup(request)
+
+
+@pytest.fixture(params=["postgres", "pgbouncer"])
+def pg_setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
+    yield from made_setup(request)
 
 
 def check_per_key(events: list[tuple[str, int, str]], count: int, dead: set[str]) -> None:
@@ -286,15 +292,6 @@ def test_a_keyed_ack_flushed_outside_a_claim_hands_its_key_on(sql_setup: Setup) 
         consumer.close()
 
 
-@pytest.fixture(params=["postgres", "pgbouncer"])
-def pg_setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
-    s = Setup(request.param, request.getfixturevalue(URLS[request.param]))
-    try:
-        yield s
-    finally:
-        s.cleanup()
-
-
 class Counted:
     """Counts the hand-ons and run steps of a broker's ordering (wrapping the real ones)."""
 
@@ -326,22 +323,40 @@ def sql_states(setup: Setup) -> list[tuple[int, str]]:
     return [(Message.decode(bytes(data)).args[1], state) for data, state in rows]
 
 
+def second_of_run(setup: Setup, count: int) -> tuple[Any, Any]:
+    """Send A1..A``count``; with a consumer of one message at a time, claim and
+    ack A1: the hand-on that deletes it claims A2 and reads A3.. ahead as its
+    run.  Returns the consumer and A2."""
+    for i in range(1, count + 1):
+        setup.broker.enqueue(setup.message("step", "A", i))
+    consumer = setup.broker.consume(setup.queue, prefetch=1, timeout=2000)
+    first = next(consumer)
+    assert first is not None and first.args == ("A", 1)
+    consumer.ack(first)
+    second = next(consumer)
+    assert second is not None and second.args == ("A", 2)
+    return consumer, second
+
+
+def ack_in_turn(consumer: Any, count: int) -> list[int]:
+    """The numbers of the next ``count`` messages ``consumer`` hands out, each acked."""
+    numbers = []
+    for _ in range(count):
+        message = next(consumer)
+        assert message is not None
+        numbers.append(message.args[1])
+        consumer.ack(message)
+    return numbers
+
+
 def test_a_run_takes_its_keys_next_messages_without_a_hand_on(
     pg_setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup, broker = pg_setup, pg_setup.broker
-    for i in range(1, 6):
-        broker.enqueue(setup.message("step", "A", i))
     counted = Counted(broker, monkeypatch)
-    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    # Given A2 claimed by the hand-on that deleted A1, with A3..A5 as its run
+    consumer, second = second_of_run(setup, 5)
     try:
-        # Given A1 claimed and acked: the hand-on that deletes it claims A2
-        # and reads A3..A5 ahead as A2's run
-        first = next(consumer)
-        assert first is not None and first.args == ("A", 1)
-        consumer.ack(first)
-        second = next(consumer)
-        assert second is not None and second.args == ("A", 2)
         assert counted.hand_ons == 1
         assert sql_states(setup) == [(2, "consumed")] + [(i, "waiting") for i in (3, 4, 5)]
         # When A2..A5 are acked one by one
@@ -368,16 +383,9 @@ def test_a_retry_in_a_run_runs_before_the_keys_later_messages(
     pg_setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     setup, broker = pg_setup, pg_setup.broker
-    for i in range(1, 5):
-        broker.enqueue(setup.message("step", "A", i))
     counted = Counted(broker, monkeypatch)
-    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    consumer, second = second_of_run(setup, 4)  # A2, with A3 and A4 in its run
     try:
-        first = next(consumer)
-        assert first is not None
-        consumer.ack(first)
-        second = next(consumer)  # A2, with A3 and A4 in its run
-        assert second is not None and second.args == ("A", 2)
         # When A2 fails and is enqueued again (as Retries does) before its ack
         broker.enqueue(second._message.copy(options={**second.options, "retries": 1}))
         consumer.ack(second)
@@ -386,13 +394,7 @@ def test_a_retry_in_a_run_runs_before_the_keys_later_messages(
         assert third is not None and (third.args, third.options.get("retries")) == (("A", 2), 1)
         assert counted.refused == 1
         consumer.ack(third)
-        rest = []
-        for _ in range(2):
-            message = next(consumer)
-            assert message is not None
-            rest.append(message.args[1])
-            consumer.ack(message)
-        assert rest == [3, 4]
+        assert ack_in_turn(consumer, 2) == [3, 4]
         broker.join(setup.queue, timeout=5000)
     finally:
         consumer.close()
@@ -400,15 +402,8 @@ def test_a_retry_in_a_run_runs_before_the_keys_later_messages(
 
 def test_a_dead_lettered_or_requeued_run_head_leaves_the_rest_in_order(pg_setup: Setup) -> None:
     setup, broker = pg_setup, pg_setup.broker
-    for i in range(1, 6):
-        broker.enqueue(setup.message("step", "A", i))
-    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
+    consumer, second = second_of_run(setup, 5)  # A2, with A3..A5 in its run
     try:
-        first = next(consumer)
-        assert first is not None
-        consumer.ack(first)
-        second = next(consumer)  # A2, with A3..A5 in its run
-        assert second is not None and second.args == ("A", 2)
         # When A2 becomes a dead letter
         second.fail()
         consumer.nack(second)
@@ -418,13 +413,7 @@ def test_a_dead_lettered_or_requeued_run_head_leaves_the_rest_in_order(pg_setup:
         # And when A3 is handed back unprocessed (a worker shutting down)
         consumer.requeue([third])
         # Then A3 runs again before A4 and A5
-        order = []
-        for _ in range(3):
-            message = next(consumer)
-            assert message is not None
-            order.append(message.args[1])
-            consumer.ack(message)
-        assert order == [3, 4, 5]
+        assert ack_in_turn(consumer, 3) == [3, 4, 5]
         broker.join(setup.queue, timeout=5000)
         assert sql_states(setup) == [(2, "dead")]
     finally:
@@ -433,14 +422,7 @@ def test_a_dead_lettered_or_requeued_run_head_leaves_the_rest_in_order(pg_setup:
 
 def test_a_consumer_closed_mid_run_leaves_the_key_to_its_next_message(pg_setup: Setup) -> None:
     setup, broker = pg_setup, pg_setup.broker
-    for i in range(1, 5):
-        broker.enqueue(setup.message("step", "A", i))
-    consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
-    first = next(consumer)
-    assert first is not None
-    consumer.ack(first)
-    second = next(consumer)  # A2, with A3 and A4 in its run
-    assert second is not None and second.args == ("A", 2)
+    consumer, second = second_of_run(setup, 4)  # A2, with A3 and A4 in its run
     # When A2 is acked and the consumer closes before taking A3
     consumer.ack(second)
     consumer.close()
@@ -448,13 +430,7 @@ def test_a_consumer_closed_mid_run_leaves_the_key_to_its_next_message(pg_setup: 
     assert sql_states(setup) == [(3, "queued"), (4, "waiting")]
     other = broker.consume(setup.queue, prefetch=1, timeout=2000)
     try:
-        order = []
-        for _ in range(2):
-            message = next(other)
-            assert message is not None
-            order.append(message.args[1])
-            other.ack(message)
-        assert order == [3, 4]
+        assert ack_in_turn(other, 2) == [3, 4]
     finally:
         other.close()
 
