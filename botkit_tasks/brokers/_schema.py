@@ -248,10 +248,12 @@ class Statements:
                 .cte("acked")
             )
             self.ack_and_claim = self.claim.add_cte(acked)
+        # Over every queued row, due ones included: a row that fell due between
+        # the claim that missed it and this query gives 0 (poll again at once),
+        # where "available_at > now" left it to the next poll_interval.
         self.next_due = sa.select(sa.func.min(m.c.available_at) - now).where(
             m.c.queue_name == sa.bindparam("queue"),
             m.c.state == QUEUED,
-            m.c.available_at > now,
         )
         self.delete = m.delete().where(m.c.id.in_(sa.bindparam("ids", expanding=True)))
         insert = pg_dialect.insert if postgres else sqlite_dialect.insert
