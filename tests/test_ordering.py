@@ -118,6 +118,14 @@ def pg_setup(request: pytest.FixtureRequest) -> Iterator[Setup]:
     yield from made_setup(request)
 
 
+def sql_states(setup: Setup) -> list[tuple[int, str]]:
+    """(message number, state) of every row, in row order."""
+    m = setup.broker.messages
+    with setup.broker.engine.connect() as conn:
+        rows = conn.execute(sa.select(m.c.data, m.c.state).order_by(m.c.id)).all()
+    return [(Message.decode(bytes(data)).args[1], state) for data, state in rows]
+
+
 def check_per_key(events: list[tuple[str, int, str]], count: int, dead: set[str]) -> None:
     """Per key: start/outcome pairs never overlap, and successes come in order 0..count-1."""
     by_key: dict[str, list[tuple[int, str]]] = defaultdict(list)
@@ -239,13 +247,6 @@ def test_a_successor_is_claimed_in_enqueue_order_after_its_heads_ack(
     broker.enqueue(setup.message("step", "A", 1))
     broker.enqueue(plain)
     broker.enqueue(setup.message("step", "A", 2))
-    m = broker.messages
-
-    def states() -> list[tuple[int, str]]:
-        with broker.engine.connect() as conn:
-            rows = conn.execute(sa.select(m.c.data, m.c.state).order_by(m.c.id)).all()
-        return [(Message.decode(bytes(data)).args[1], state) for data, state in rows]
-
     consumer = broker.consume(setup.queue, prefetch=1, timeout=2000)
     try:
         # When a consumer that holds one message at a time acks A1
@@ -255,11 +256,11 @@ def test_a_successor_is_claimed_in_enqueue_order_after_its_heads_ack(
         if setup.kind != "sqlite":
             # (on PostgreSQL the ack waits for the consumer's next claim, which
             # deletes A1 and releases A in its own transaction)
-            assert states() == [(1, "consumed"), (0, "queued"), (2, "waiting")]
+            assert sql_states(setup) == [(1, "consumed"), (0, "queued"), (2, "waiting")]
         # Then its next claims take the unkeyed message, older than A2, and then A2
         second = next(consumer)
         assert second is not None and second.args == ("u", 0)
-        assert states() == [(0, "consumed"), (2, "queued")]
+        assert sql_states(setup) == [(0, "consumed"), (2, "queued")]
         consumer.ack(second)
         third = next(consumer)
         assert third is not None and third.args == ("A", 2)
@@ -272,7 +273,6 @@ def test_a_successor_is_claimed_in_enqueue_order_after_its_heads_ack(
 def test_a_keyed_ack_flushed_outside_a_claim_hands_its_key_on(sql_setup: Setup) -> None:
     setup = sql_setup
     broker = setup.broker
-    m = broker.messages
     # Given A1 claimed and acked by a consumer that then claims nothing more
     broker.enqueue(setup.message("step", "A", 1))
     broker.enqueue(setup.message("step", "A", 2))
@@ -285,9 +285,7 @@ def test_a_keyed_ack_flushed_outside_a_claim_hands_its_key_on(sql_setup: Setup) 
         # and a closing consumer do; on PostgreSQL not through a claim)
         broker.hub.flush_acks_now()
         # Then A1 is gone and A2, its key's next message, is queued
-        with broker.engine.connect() as conn:
-            rows = conn.execute(sa.select(m.c.data, m.c.state).order_by(m.c.id)).all()
-        assert [(Message.decode(bytes(d)).args[1], state) for d, state in rows] == [(2, "queued")]
+        assert sql_states(setup) == [(2, "queued")]
     finally:
         consumer.close()
 
@@ -313,14 +311,6 @@ class Counted:
 
         monkeypatch.setattr(ordering, "hand_on", counted_hand_on)
         monkeypatch.setattr(ordering, "step", counted_step)
-
-
-def sql_states(setup: Setup) -> list[tuple[int, str]]:
-    """(message number, state) of every row, in row order."""
-    m = setup.broker.messages
-    with setup.broker.engine.connect() as conn:
-        rows = conn.execute(sa.select(m.c.data, m.c.state).order_by(m.c.id)).all()
-    return [(Message.decode(bytes(data)).args[1], state) for data, state in rows]
 
 
 def second_of_run(setup: Setup, count: int) -> tuple[Any, Any]:

@@ -51,7 +51,6 @@ class Run:
     """A key's head row, claimed by a consumer, and the members read after it."""
 
     key: str
-    queue: str
     #: The key's head: the row that runs now (``consumed``).
     head: int
     #: The consumer that holds the head among its claimed rows.
@@ -105,23 +104,22 @@ def start_run(consumer: Any, head: Any, members: list[tuple[int, bytes, int]]) -
             break
         pending.append((type(head)(message, row_id), seq))
     if pending:
-        consumer.broker.ordering.runs.start(
-            Run(key, consumer.queue_name, head.row_id, consumer, pending)
-        )
+        consumer.broker.ordering.runs.start(Run(key, head.row_id, consumer, pending))
 
 
 def held_for_step(consumer: Any, message: MessageProxy, row_id: int) -> bool:
     """For the ack of ``row_id``: keep it for :func:`step_runs` if its run goes on.
 
     Called from worker threads.  Returns ``False`` when the ack is an
-    ordinary one (no run, the run is used up, or ``consumer`` is closed: the
-    key is then released as after any keyed ack).
+    ordinary one (no run — a run is registered only while it has members
+    left — or ``consumer`` is closed: the key is then released as after any
+    keyed ack).
     """
     runs = consumer.broker.ordering.runs
     if not runs or message.options.get("ordering_key") is None:
         return False
     run = runs.take(row_id)
-    if run is None or not run.pending:
+    if run is None:
         return False
     with consumer._lock:
         if consumer._closed:
